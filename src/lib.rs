@@ -6,9 +6,10 @@
 //! resolves waiters), [`jobs`] (validate, submit, wait, read the result) and [`mcp`] (the tool).
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod events;
-// pub mod jobs;
-// pub mod mcp;
+pub mod jobs;
+pub mod mcp;
 pub mod prefect;
 pub mod waiters;

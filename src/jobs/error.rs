@@ -1,0 +1,77 @@
+//! Errors that end a job before it has a result.
+
+use uuid::Uuid;
+
+use crate::prefect::PrefectError;
+
+/// A job that could not be submitted or whose result could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// Prefect did not answer, even after retries.
+    #[error(
+        "the Prefect API is unavailable: {source}. Start it (deploy/local/stack.sh up) or point \
+         PREFECT_API_URL at a running server"
+    )]
+    PrefectUnavailable {
+        #[source]
+        source: PrefectError,
+    },
+    /// The configured deployment does not exist. Nothing was submitted.
+    #[error(
+        "deployment {name:?} not found on the Prefect API at {api_url}, so the job was not \
+         submitted. Register it with flows/deploy.py (deploy/local/stack.sh up does this) or set \
+         K3S_JOB_RUNNER_DEPLOYMENT to an existing flow-name/deployment-name"
+    )]
+    DeploymentNotFound { name: String, api_url: String },
+    /// Creating the flow run failed for a reason other than availability.
+    #[error("submitting the flow run failed: {source}")]
+    SubmitFailed {
+        #[source]
+        source: PrefectError,
+    },
+    /// The run reached a terminal state but its state or result could not be read.
+    #[error("flow run {flow_run_id} finished but its result could not be read: {source}")]
+    ResultUnreadable {
+        flow_run_id: Uuid,
+        #[source]
+        source: PrefectError,
+    },
+    /// The caller withdrew the request. The flow run was asked to cancel.
+    #[error("the request was cancelled by the caller; flow run {flow_run_id} was asked to cancel")]
+    Cancelled { flow_run_id: Uuid },
+    /// The service is stopping, so it stopped waiting for the run.
+    #[error(
+        "the service is shutting down and stopped waiting for flow run {flow_run_id}; the run may \
+         still finish in Prefect"
+    )]
+    ShuttingDown { flow_run_id: Uuid },
+}
+
+impl JobError {
+    /// The flow run the error is about, when one was created.
+    pub fn flow_run_id(&self) -> Option<Uuid> {
+        match self {
+            Self::ResultUnreadable { flow_run_id, .. }
+            | Self::Cancelled { flow_run_id }
+            | Self::ShuttingDown { flow_run_id } => Some(*flow_run_id),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_lookup(error: PrefectError) -> Self {
+        match error {
+            PrefectError::DeploymentNotFound { name, api_url } => Self::DeploymentNotFound { name, api_url },
+            error if error.is_transient() => Self::PrefectUnavailable { source: error },
+            error => Self::SubmitFailed { source: error },
+        }
+    }
+
+    pub(crate) fn from_submit(error: PrefectError) -> Self {
+        if error.is_transient() {
+            Self::PrefectUnavailable { source: error }
+        } else {
+            Self::SubmitFailed { source: error }
+        }
+    }
+}

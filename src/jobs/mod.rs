@@ -1,0 +1,12 @@
+//! One job from request to result: validate, submit as a flow run, wait for its terminal
+//! state, read the result artifact.
+
+mod error;
+mod outcome;
+mod request;
+mod runner;
+
+pub use error::JobError;
+pub use outcome::{JobOutcome, JobStatus};
+pub use request::{InvalidRequest, JobRequest};
+pub use runner::{JobRunner, RunnerStatus};

@@ -1,0 +1,283 @@
+//! Runs one job through Prefect and waits for it on the shared events subscription.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+use uuid::Uuid;
+
+use super::{JobError, JobOutcome, JobRequest, JobStatus};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::events::{Subscription, SubscriptionHandle, SubscriptionStatus};
+use crate::prefect::{FlowRun, NewFlowRun, PrefectClient, PrefectError, RetryPolicy, RunOutput, State};
+use crate::waiters::{CompletionSource, Waiter, WaiterRegistry};
+
+/// Reads of a run's state after its terminal event, until REST shows the terminal state.
+/// Prefect publishes the event inside the transaction that sets the state, so a read right
+/// after the event can still return the previous state.
+const CONFIRM_ATTEMPTS: u32 = 12;
+/// Reads of the result artifact of a completed run before reporting it missing.
+const ARTIFACT_ATTEMPTS: u32 = 5;
+
+/// The service's job machinery: REST client, waiter registry and the one subscription task.
+pub struct JobRunner {
+    config: Config,
+    client: Arc<PrefectClient>,
+    registry: Arc<WaiterRegistry>,
+    subscription: SubscriptionHandle,
+}
+
+/// What an operator needs to see about the runner.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunnerStatus {
+    pub api_url: String,
+    pub deployment: String,
+    pub subscription: SubscriptionStatus,
+    /// Jobs currently waiting for their flow run to finish.
+    pub waiting_runs: usize,
+}
+
+/// How a wait for a terminal state ended.
+enum WaitEnd {
+    Finished { state: State, source: CompletionSource },
+    DeadlinePassed,
+    CallerCancelled,
+    RegistryClosed,
+}
+
+impl JobRunner {
+    /// Builds the REST client and starts the events subscription. Must run inside a Tokio
+    /// runtime.
+    ///
+    /// # Errors
+    /// Returns [`PrefectError::InvalidSettings`] when the HTTP client cannot be built.
+    pub fn start(config: Config) -> Result<Self, PrefectError> {
+        let client = Arc::new(PrefectClient::new(&config, RetryPolicy::default())?);
+        let registry = WaiterRegistry::new();
+        let subscription = Subscription::spawn(&config, Arc::clone(&client), Arc::clone(&registry));
+        Ok(Self { config, client, registry, subscription })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A snapshot of the subscription and the number of waiting jobs.
+    pub fn status(&self) -> RunnerStatus {
+        RunnerStatus {
+            api_url: self.config.api_url.clone(),
+            deployment: self.config.deployment.clone(),
+            subscription: self.subscription.status(),
+            waiting_runs: self.registry.len(),
+        }
+    }
+
+    /// Submits `request` as a flow run and waits for its result.
+    ///
+    /// The run is cancelled when its time is up (its timeout plus the start-up allowance) and
+    /// when `cancel` fires.
+    ///
+    /// # Errors
+    /// Returns [`JobError`] when the run cannot be created, when the caller cancels, when the
+    /// service shuts down, or when a finished run's state or result cannot be read.
+    pub async fn run(&self, request: &JobRequest, cancel: &CancellationToken) -> Result<JobOutcome, JobError> {
+        let started = Instant::now();
+        let span = info_span!(
+            "job",
+            code_length = request.code_length(),
+            timeout_seconds = request.timeout_seconds(),
+            flow_run_id = tracing::field::Empty,
+        );
+        let mut outcome = self.run_in_span(request, cancel, &span).instrument(span.clone()).await?;
+        outcome.elapsed = started.elapsed();
+        span.in_scope(|| {
+            info!(status = outcome.status.as_str(), elapsed_ms = outcome.elapsed.as_millis() as u64, "job finished")
+        });
+        Ok(outcome)
+    }
+
+    /// Stops the subscription; jobs still waiting end with [`JobError::ShuttingDown`].
+    pub async fn shutdown(self) {
+        self.subscription.shutdown().await;
+    }
+
+    async fn run_in_span(
+        &self,
+        request: &JobRequest,
+        cancel: &CancellationToken,
+        span: &tracing::Span,
+    ) -> Result<JobOutcome, JobError> {
+        // Subscribing before the first submission means the run's terminal event cannot
+        // slip past. If the socket is slow to come up, the fallback poll covers the gap.
+        if !self.subscription.wait_until_subscribed(self.config.subscribe_wait).await {
+            debug!("events socket not subscribed yet; relying on polling for this job");
+        }
+        let flow_run = self.submit(request).await?;
+        span.record("flow_run_id", tracing::field::display(flow_run.id));
+        info!(flow_run_name = %flow_run.name, "flow run created");
+
+        let mut waiter = self.registry.register(flow_run.id);
+        let deadline = Instant::now() + Duration::from_secs(request.timeout_seconds()) + self.config.startup_allowance;
+        match self.wait_for_terminal(&mut waiter, deadline, cancel).await {
+            WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
+            WaitEnd::DeadlinePassed => Ok(self.give_up(flow_run, request).await),
+            WaitEnd::CallerCancelled => Err(self.cancel_for_caller(flow_run.id).await),
+            WaitEnd::RegistryClosed => Err(JobError::ShuttingDown { flow_run_id: flow_run.id }),
+        }
+    }
+
+    async fn submit(&self, request: &JobRequest) -> Result<FlowRun, JobError> {
+        let deployment_id = self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)?;
+        let new_run = NewFlowRun {
+            parameters: json!({ "code": request.code(), "timeout_seconds": request.timeout_seconds() }),
+            tags: vec![self.config.tag.clone()],
+            idempotency_key: Uuid::new_v4().to_string(),
+        };
+        match self.client.create_flow_run(deployment_id, &new_run).await {
+            Ok(flow_run) => Ok(flow_run),
+            Err(PrefectError::Status { status: 404, .. }) => {
+                // The deployment was deleted after its id was cached; look it up again next time.
+                self.client.forget_deployment(&self.config.deployment);
+                Err(JobError::DeploymentNotFound {
+                    name: self.config.deployment.clone(),
+                    api_url: self.config.api_url.clone(),
+                })
+            }
+            Err(error) => Err(JobError::from_submit(error)),
+        }
+    }
+
+    async fn wait_for_terminal(&self, waiter: &mut Waiter, deadline: Instant, cancel: &CancellationToken) -> WaitEnd {
+        // A run can finish between its creation and the waiter's registration, and its event
+        // then has no waiter to reach: one read after registering catches that case.
+        if let Some(state) = self.read_terminal_state(waiter.flow_run_id()).await {
+            return WaitEnd::Finished { state, source: CompletionSource::Poll };
+        }
+        tokio::select! {
+            completion = waiter.completion() => match completion {
+                Ok(completion) => WaitEnd::Finished { state: completion.state, source: completion.source },
+                Err(_) => WaitEnd::RegistryClosed,
+            },
+            () = sleep_until(deadline) => WaitEnd::DeadlinePassed,
+            () = cancel.cancelled() => WaitEnd::CallerCancelled,
+        }
+    }
+
+    async fn read_terminal_state(&self, flow_run_id: Uuid) -> Option<State> {
+        match self.client.read_flow_run(flow_run_id).await {
+            Ok(flow_run) => flow_run.terminal_state().cloned(),
+            Err(error) => {
+                debug!(%error, "reading the new flow run failed; waiting for its event");
+                None
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        flow_run: FlowRun,
+        state: State,
+        source: CompletionSource,
+        request: &JobRequest,
+    ) -> Result<JobOutcome, JobError> {
+        debug!(state = %state.name, ?source, "flow run reached a terminal state");
+        let state = match source {
+            CompletionSource::Event => self.confirm_terminal(flow_run.id, state).await?,
+            CompletionSource::Poll => state,
+        };
+        let output = match state.state_type {
+            crate::prefect::StateType::Completed => self.read_output(flow_run.id).await?,
+            _ => self.read_output_once(flow_run.id).await,
+        };
+        Ok(JobOutcome::finished(flow_run.id, flow_run.name, state, output, request.timeout_seconds()))
+    }
+
+    /// Reads the run until REST shows a terminal state, because the terminal event is sent
+    /// before Prefect commits it. Falls back to the event's state if REST never catches up.
+    async fn confirm_terminal(&self, flow_run_id: Uuid, event_state: State) -> Result<State, JobError> {
+        let mut backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
+        for _ in 0..CONFIRM_ATTEMPTS {
+            let flow_run = self
+                .client
+                .read_flow_run(flow_run_id)
+                .await
+                .map_err(|source| JobError::ResultUnreadable { flow_run_id, source })?;
+            if let Some(state) = flow_run.terminal_state() {
+                return Ok(state.clone());
+            }
+            sleep(backoff.next_delay()).await;
+        }
+        warn!(state = %event_state.name, "REST never showed the terminal state of the event; using the event's");
+        Ok(event_state)
+    }
+
+    /// Reads the result artifact of a completed run, retrying briefly when it is not visible
+    /// yet.
+    async fn read_output(&self, flow_run_id: Uuid) -> Result<Option<RunOutput>, JobError> {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        for _ in 0..ARTIFACT_ATTEMPTS {
+            let output = self
+                .client
+                .read_run_output(flow_run_id)
+                .await
+                .map_err(|source| JobError::ResultUnreadable { flow_run_id, source })?;
+            if output.is_some() {
+                return Ok(output);
+            }
+            sleep(backoff.next_delay()).await;
+        }
+        warn!("completed flow run has no result artifact");
+        Ok(None)
+    }
+
+    /// Reads the artifact of a run that did not complete: a runner that broke late may still
+    /// have written one, and its output helps the caller.
+    async fn read_output_once(&self, flow_run_id: Uuid) -> Option<RunOutput> {
+        match self.client.read_run_output(flow_run_id).await {
+            Ok(output) => output,
+            Err(error) => {
+                debug!(%error, "reading the result of an unsuccessful flow run failed");
+                None
+            }
+        }
+    }
+
+    /// Cancels a run that did not finish within its timeout plus the start-up allowance.
+    async fn give_up(&self, flow_run: FlowRun, request: &JobRequest) -> JobOutcome {
+        let allowance = self.config.startup_allowance.as_secs();
+        let message = format!(
+            "the job did not finish within its timeout of {} s plus the start-up allowance of {allowance} s; \
+             flow run {} ({}) was cancelled",
+            request.timeout_seconds(),
+            flow_run.name,
+            flow_run.id,
+        );
+        warn!(%message, "job timed out");
+        if let Err(error) = self.client.cancel_flow_run(flow_run.id, "timed out waiting for a result").await {
+            warn!(%error, "cancelling the timed-out flow run failed");
+        }
+        JobOutcome {
+            flow_run_id: flow_run.id,
+            flow_run_name: flow_run.name,
+            status: JobStatus::Timeout,
+            state: flow_run.state,
+            output: None,
+            message: Some(message),
+            elapsed: Duration::ZERO,
+            timeout_seconds: request.timeout_seconds(),
+        }
+    }
+
+    async fn cancel_for_caller(&self, flow_run_id: Uuid) -> JobError {
+        info!("caller cancelled the request; cancelling the flow run");
+        if let Err(error) = self.client.cancel_flow_run(flow_run_id, "cancelled by the MCP client").await {
+            warn!(%error, "cancelling the flow run failed");
+        }
+        JobError::Cancelled { flow_run_id }
+    }
+}

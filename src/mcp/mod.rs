@@ -1,0 +1,129 @@
+//! The MCP server: the `run_python_job_tool` tool over stdio, and `runner_status` for
+//! operators.
+
+mod reply;
+
+use std::sync::Arc;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::{tool, tool_handler, tool_router, ServerHandler};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+pub use reply::{JobReply, RequestFacts};
+
+use crate::jobs::{JobRequest, JobRunner};
+
+/// Name under which clients call the job tool.
+pub const RUN_TOOL_NAME: &str = "run_python_job_tool";
+/// Name of the status tool.
+pub const STATUS_TOOL_NAME: &str = "runner_status";
+
+/// Arguments of `run_python_job_tool`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct RunPythonJobParams {
+    /// Python 3 source code to run as a script. Print what you want returned. Stdin is empty.
+    pub code: String,
+    /// Seconds the code may run before it is killed: 10 to 600 unless the server sets other
+    /// limits. Default 120.
+    #[serde(default)]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// The MCP server handler. Cheap to clone: every clone shares one [`JobRunner`].
+#[derive(Clone)]
+pub struct JobServer {
+    runner: Arc<JobRunner>,
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl JobServer {
+    pub fn new(runner: Arc<JobRunner>) -> Self {
+        Self { runner, tool_router: Self::tool_router() }
+    }
+
+    /// Runs Python code as a Prefect flow run and returns what it printed.
+    #[tool(
+        name = "run_python_job_tool",
+        description = "Run Python 3 code as a job and return its stdout, stderr and exit code. \
+                       The code runs as a script in a fresh process with empty stdin; print \
+                       what you want to see. Code may be up to 50,000 characters; \
+                       timeout_seconds is 10-600 (default 120). Each stream keeps at most \
+                       100,000 characters. A non-zero exit code or a timeout is returned as an \
+                       error result that still carries the output."
+    )]
+    async fn run_python_job_tool(
+        &self,
+        Parameters(params): Parameters<RunPythonJobParams>,
+        cancel: CancellationToken,
+    ) -> CallToolResult {
+        to_call_tool_result(run_job(&self.runner, params, &cancel).await)
+    }
+
+    /// Reports the events subscription's state and the number of waiting jobs.
+    #[tool(
+        name = "runner_status",
+        description = "Report the service's link to Prefect: the events websocket's mode \
+                       (subscribed, backing_off, polling...), connections made, events received, \
+                       REST polls, and how many jobs are waiting."
+    )]
+    async fn runner_status(&self) -> CallToolResult {
+        let status = self.runner.status();
+        match serde_json::to_value(&status) {
+            Ok(value) => CallToolResult::structured(value),
+            Err(error) => CallToolResult::error(vec![ContentBlock::text(format!("status unavailable: {error}"))]),
+        }
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for JobServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Use run_python_job_tool to run Python code and read its output. Results carry \
+                 structured content {results: {stdout, stderr, exit_code, success, error, \
+                 flow_run_id, state, truncated, status}, meta_data: {...}}.",
+            )
+    }
+}
+
+/// Validates, runs and renders one job; shared by the MCP tool and the `run` subcommand.
+pub async fn run_job(runner: &JobRunner, params: RunPythonJobParams, cancel: &CancellationToken) -> JobReply {
+    let started = Instant::now();
+    let code_length = params.code.chars().count();
+    let facts = |timeout_seconds| RequestFacts {
+        code_length,
+        timeout_seconds,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    let request = match JobRequest::new(params.code, params.timeout_seconds, &runner.config().limits) {
+        Ok(request) => request,
+        Err(error) => return JobReply::from_invalid_request(&error, facts(params.timeout_seconds)),
+    };
+    let timeout_seconds = Some(request.timeout_seconds() as i64);
+    match runner.run(&request, cancel).await {
+        Ok(outcome) => JobReply::from_outcome(&outcome, facts(timeout_seconds)),
+        Err(error) => {
+            warn!(%error, "job failed");
+            JobReply::from_job_error(&error, facts(timeout_seconds))
+        }
+    }
+}
+
+fn to_call_tool_result(reply: JobReply) -> CallToolResult {
+    let mut result = if reply.is_error {
+        CallToolResult::structured_error(reply.value)
+    } else {
+        CallToolResult::structured(reply.value)
+    };
+    result.content = vec![ContentBlock::text(reply.text)];
+    result
+}
