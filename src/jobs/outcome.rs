@@ -206,7 +206,7 @@ mod tests {
     fn runner_timeout_is_timeout() {
         let outcome = outcome(state(StateType::Completed, "Completed", None), Some(output(-15, true)));
         assert_eq!(outcome.status, JobStatus::Timeout);
-        assert!(outcome.message.unwrap().contains("timeout of 30 s"));
+        assert!(outcome.message.as_deref().unwrap_or_default().contains("timeout of 30 s"));
         assert_eq!(outcome.stdout(), "out");
     }
 
