@@ -183,7 +183,10 @@ fn summary_line(value: &Value) -> String {
         line.push_str(&format!(", exit code {code}"));
     }
     if let Some(name) = results["flow_run_name"].as_str() {
-        line.push_str(&format!(", flow run {name} ({})", results["flow_run_id"].as_str().unwrap_or_default()));
+        line.push_str(&format!(
+            ", flow run {name} ({})",
+            results["flow_run_id"].as_str().unwrap_or_default()
+        ));
     }
     if let Some(elapsed) = value["meta_data"]["elapsed_ms"].as_u64() {
         line.push_str(&format!(", {elapsed} ms"));
@@ -221,7 +224,7 @@ mod tests {
             (json!({"success": false, "status": "error", "exit_code": -9}), 137),
             (json!({"success": false, "status": "timeout", "exit_code": -15}), 124),
             (json!({"success": false, "status": "invalid_request", "exit_code": null}), 2),
-            (json!({"success": false, "status": "prefect_unavailable", "exit_code": null}), 1),
+            (json!({"success": false, "status": "prefect_unreachable", "exit_code": null}), 1),
             (json!({"success": false, "status": "error", "exit_code": 300}), 1),
         ];
         for (results, expected) in cases {

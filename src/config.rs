@@ -97,6 +97,10 @@ pub struct Config {
     /// How long a job waits for the first subscription before it submits anyway and relies on
     /// polling (`K3S_JOB_RUNNER_SUBSCRIBE_WAIT_SECONDS`, default 5).
     pub subscribe_wait: Duration,
+    /// Flow-run creations and cancellations sent at once
+    /// (`K3S_JOB_RUNNER_MAX_CONCURRENT_WRITES`, default 4). SQLite serializes writers, so more
+    /// concurrent writes only earn more 503 answers; a Postgres-backed server can take more.
+    pub max_concurrent_writes: usize,
 }
 
 impl Default for Config {
@@ -114,6 +118,7 @@ impl Default for Config {
             reconnect_initial: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             subscribe_wait: Duration::from_secs(5),
+            max_concurrent_writes: 4,
         }
     }
 }
@@ -141,10 +146,8 @@ impl Config {
                 .number("K3S_JOB_RUNNER_MIN_TIMEOUT_SECONDS", defaults.limits.min_timeout_seconds)?,
             max_timeout_seconds: env
                 .number("K3S_JOB_RUNNER_MAX_TIMEOUT_SECONDS", defaults.limits.max_timeout_seconds)?,
-            default_timeout_seconds: env.number(
-                "K3S_JOB_RUNNER_DEFAULT_TIMEOUT_SECONDS",
-                defaults.limits.default_timeout_seconds,
-            )?,
+            default_timeout_seconds: env
+                .number("K3S_JOB_RUNNER_DEFAULT_TIMEOUT_SECONDS", defaults.limits.default_timeout_seconds)?,
         };
         check_limits(&limits)?;
         let deployment = env.text("K3S_JOB_RUNNER_DEPLOYMENT").unwrap_or(defaults.deployment);
@@ -159,15 +162,20 @@ impl Config {
             deployment,
             tag: env.text("K3S_JOB_RUNNER_TAG").unwrap_or(defaults.tag),
             limits,
-            startup_allowance: env.seconds("K3S_JOB_RUNNER_STARTUP_ALLOWANCE_SECONDS", defaults.startup_allowance)?,
-            request_timeout: env.seconds("K3S_JOB_RUNNER_REQUEST_TIMEOUT_SECONDS", defaults.request_timeout)?,
+            startup_allowance: env
+                .seconds("K3S_JOB_RUNNER_STARTUP_ALLOWANCE_SECONDS", defaults.startup_allowance)?,
+            request_timeout: env
+                .seconds("K3S_JOB_RUNNER_REQUEST_TIMEOUT_SECONDS", defaults.request_timeout)?,
             fallback_poll_interval: env
                 .millis("K3S_JOB_RUNNER_FALLBACK_POLL_MS", defaults.fallback_poll_interval)?,
             safety_poll_interval: env
                 .seconds("K3S_JOB_RUNNER_SAFETY_POLL_SECONDS", defaults.safety_poll_interval)?,
-            reconnect_initial: env.millis("K3S_JOB_RUNNER_RECONNECT_INITIAL_MS", defaults.reconnect_initial)?,
+            reconnect_initial: env
+                .millis("K3S_JOB_RUNNER_RECONNECT_INITIAL_MS", defaults.reconnect_initial)?,
             reconnect_max: env.seconds("K3S_JOB_RUNNER_RECONNECT_MAX_SECONDS", defaults.reconnect_max)?,
             subscribe_wait: env.seconds("K3S_JOB_RUNNER_SUBSCRIBE_WAIT_SECONDS", defaults.subscribe_wait)?,
+            max_concurrent_writes: env
+                .positive("K3S_JOB_RUNNER_MAX_CONCURRENT_WRITES", defaults.max_concurrent_writes)?,
         })
     }
 
@@ -210,6 +218,18 @@ impl Env<'_> {
     fn seconds(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
         let seconds = self.number(name, default.as_secs())?;
         positive(name, Duration::from_secs(seconds))
+    }
+
+    fn positive(&self, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+        let value = self.number(name, default)?;
+        if value == 0 {
+            return Err(ConfigError::Invalid {
+                name,
+                value: "0".to_owned(),
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(value)
     }
 
     fn millis(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
@@ -303,7 +323,8 @@ mod tests {
 
     #[test]
     fn auth_string_wins_over_api_key() {
-        let config = config_from(&[("PREFECT_API_AUTH_STRING", "admin:pw"), ("PREFECT_API_KEY", "key")]).unwrap();
+        let config =
+            config_from(&[("PREFECT_API_AUTH_STRING", "admin:pw"), ("PREFECT_API_KEY", "key")]).unwrap();
         assert_eq!(config.auth, Some(PrefectAuth::Basic("admin:pw".to_owned())));
         let config = config_from(&[("PREFECT_API_KEY", "key")]).unwrap();
         assert_eq!(config.auth, Some(PrefectAuth::ApiKey("key".to_owned())));

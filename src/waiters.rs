@@ -189,7 +189,12 @@ mod tests {
 
     fn completed() -> Completion {
         Completion {
-            state: State { state_type: StateType::Completed, name: "Completed".to_owned(), message: None, timestamp: None },
+            state: State {
+                state_type: StateType::Completed,
+                name: "Completed".to_owned(),
+                message: None,
+                timestamp: None,
+            },
             source: CompletionSource::Event,
         }
     }

@@ -116,7 +116,9 @@ fn flow_run_state_event(event: &RawEvent) -> Option<FlowRunStateEvent> {
         state_type,
         name: label("prefect.state-name").unwrap_or_default().to_owned(),
         message: label("prefect.state-message").filter(|message| !message.is_empty()).map(str::to_owned),
-        timestamp: label("prefect.state-timestamp").and_then(|text| text.parse().ok()).or(Some(event.occurred)),
+        timestamp: label("prefect.state-timestamp")
+            .and_then(|text| text.parse().ok())
+            .or(Some(event.occurred)),
     };
     Some(FlowRunStateEvent { event_id: event.id?, flow_run_id, state, occurred: event.occurred })
 }
@@ -164,7 +166,10 @@ mod tests {
 
     #[test]
     fn completed_event_parses_to_terminal_state() {
-        let change = state_change(&event_frame("prefect.flow-run.Completed", state_resource("COMPLETED", "Completed")));
+        let change = state_change(&event_frame(
+            "prefect.flow-run.Completed",
+            state_resource("COMPLETED", "Completed"),
+        ));
         assert_eq!(change.flow_run_id.to_string(), RUN_ID);
         assert_eq!(change.event_id.to_string(), EVENT_ID);
         assert_eq!(change.state.state_type, StateType::Completed);
@@ -175,7 +180,8 @@ mod tests {
 
     #[test]
     fn timed_out_event_keys_on_state_type() {
-        let change = state_change(&event_frame("prefect.flow-run.TimedOut", state_resource("FAILED", "TimedOut")));
+        let change =
+            state_change(&event_frame("prefect.flow-run.TimedOut", state_resource("FAILED", "TimedOut")));
         assert_eq!(change.state.state_type, StateType::Failed);
         assert_eq!(change.state.name, "TimedOut");
         assert!(change.state.is_terminal());
@@ -183,8 +189,10 @@ mod tests {
 
     #[test]
     fn cancelling_event_is_not_terminal() {
-        let change =
-            state_change(&event_frame("prefect.flow-run.Cancelling", state_resource("CANCELLING", "Cancelling")));
+        let change = state_change(&event_frame(
+            "prefect.flow-run.Cancelling",
+            state_resource("CANCELLING", "Cancelling"),
+        ));
         assert!(!change.state.is_terminal());
     }
 
@@ -197,7 +205,8 @@ mod tests {
 
     #[test]
     fn event_for_other_resource_has_no_state_change() {
-        let resource = json!({"prefect.resource.id": "prefect.deployment.abc", "prefect.state-type": "COMPLETED"});
+        let resource =
+            json!({"prefect.resource.id": "prefect.deployment.abc", "prefect.state-type": "COMPLETED"});
         let message = parse_server_message(&event_frame("prefect.deployment.updated", resource)).unwrap();
         assert!(matches!(message, ServerMessage::Event { state_change: None, .. }), "{message:?}");
     }
@@ -213,9 +222,13 @@ mod tests {
     #[test]
     fn state_message_is_kept() {
         let mut resource = state_resource("CRASHED", "Crashed");
-        resource["prefect.state-message"] = json!("Flow run infrastructure exited with non-zero status code 1.");
+        resource["prefect.state-message"] =
+            json!("Flow run infrastructure exited with non-zero status code 1.");
         let change = state_change(&event_frame("prefect.flow-run.Crashed", resource));
-        assert_eq!(change.state.message.as_deref(), Some("Flow run infrastructure exited with non-zero status code 1."));
+        assert_eq!(
+            change.state.message.as_deref(),
+            Some("Flow run infrastructure exited with non-zero status code 1.")
+        );
     }
 
     #[test]
@@ -225,7 +238,10 @@ mod tests {
 
     #[test]
     fn unknown_message_type_is_other() {
-        assert_eq!(parse_server_message(r#"{"type":"pong"}"#).unwrap(), ServerMessage::Other("pong".to_owned()));
+        assert_eq!(
+            parse_server_message(r#"{"type":"pong"}"#).unwrap(),
+            ServerMessage::Other("pong".to_owned())
+        );
     }
 
     #[test]
@@ -246,24 +262,30 @@ mod tests {
     fn filter_sets_until_far_ahead() {
         let now: DateTime<Utc> = "2026-12-04T15:00:00Z".parse().unwrap();
         let since = now - ChronoDuration::seconds(30);
-        let message: Value = serde_json::from_str(&filter_message("k3s-job-runner", since, now, true)).unwrap();
+        let message: Value =
+            serde_json::from_str(&filter_message("k3s-job-runner", since, now, true)).unwrap();
 
         let until: DateTime<Utc> = message["filter"]["occurred"]["until"].as_str().unwrap().parse().unwrap();
         assert!(until - now >= ChronoDuration::days(364), "until {until} is not far ahead of {now}");
-        let sent_since: DateTime<Utc> = message["filter"]["occurred"]["since"].as_str().unwrap().parse().unwrap();
+        let sent_since: DateTime<Utc> =
+            message["filter"]["occurred"]["since"].as_str().unwrap().parse().unwrap();
         assert_eq!(sent_since, since);
     }
 
     #[test]
     fn filter_selects_flow_run_events_by_tag() {
         let now = Utc::now();
-        let message: Value = serde_json::from_str(&filter_message("k3s-job-runner", now, now, false)).unwrap();
+        let message: Value =
+            serde_json::from_str(&filter_message("k3s-job-runner", now, now, false)).unwrap();
         assert_eq!(message["type"], "filter");
         assert_eq!(message["backfill"], false);
         assert_eq!(message["filter"]["event"]["prefix"], json!(["prefect.flow-run."]));
         assert_eq!(message["filter"]["event"]["exclude_name"], json!(["prefect.flow-run.heartbeat"]));
         assert_eq!(message["filter"]["any_resource"]["id"], json!(["prefect.tag.k3s-job-runner"]));
-        assert!(message["filter"].get("related").is_none(), "related is ignored live and must not be relied on");
+        assert!(
+            message["filter"].get("related").is_none(),
+            "related is ignored live and must not be relied on"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use super::message::{auth_message, filter_message, parse_server_message, FlowRun
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::prefect::PrefectClient;
-use crate::waiters::{Completion, CompletionSource, WaiterRegistry};
+use crate::waiters::{Completion, CompletionSource, Resolution, WaiterRegistry};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -76,6 +76,10 @@ pub struct SubscriptionStatus {
     pub duplicate_events: u64,
     /// Bulk REST checks of waiting runs (after connecting, fallback and safety polls).
     pub polls: u64,
+    /// Waiting jobs resolved by a terminal state event.
+    pub completions_from_events: u64,
+    /// Waiting jobs resolved by a bulk REST check.
+    pub completions_from_polls: u64,
     pub last_event_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -88,6 +92,8 @@ impl SubscriptionStatus {
             events_received: 0,
             duplicate_events: 0,
             polls: 0,
+            completions_from_events: 0,
+            completions_from_polls: 0,
             last_event_at: None,
             last_error: None,
         }
@@ -112,7 +118,8 @@ impl SubscriptionHandle {
     /// in which case completions are still found by polling.
     pub async fn wait_until_subscribed(&self, limit: Duration) -> bool {
         let mut status = self.status.clone();
-        let subscribed = async move { status.wait_for(|status| status.mode == Mode::Subscribed).await.is_ok() };
+        let subscribed =
+            async move { status.wait_for(|status| status.mode == Mode::Subscribed).await.is_ok() };
         timeout(limit, subscribed).await.unwrap_or(false)
     }
 
@@ -148,7 +155,10 @@ enum StreamEnd {
     Shutdown,
     /// The server closed with a code: 1012 on restart, 1011 on a keepalive failure,
     /// 1008 on an auth refusal, 1002 on a filter it rejects.
-    Closed { code: Option<CloseCode>, reason: String },
+    Closed {
+        code: Option<CloseCode>,
+        reason: String,
+    },
     /// The connection dropped without a close frame (1006) or failed to read.
     Dropped(String),
     /// No frame for [`IDLE_TIMEOUT`].
@@ -183,7 +193,11 @@ impl ConnectError {
 
 impl Subscription {
     /// Starts the subscription task for `config`, resolving waiters in `registry`.
-    pub fn spawn(config: &Config, client: Arc<PrefectClient>, registry: Arc<WaiterRegistry>) -> SubscriptionHandle {
+    pub fn spawn(
+        config: &Config,
+        client: Arc<PrefectClient>,
+        registry: Arc<WaiterRegistry>,
+    ) -> SubscriptionHandle {
         let (status, status_receiver) = watch::channel(SubscriptionStatus::starting());
         let shutdown = CancellationToken::new();
         let subscription = Self {
@@ -249,7 +263,8 @@ impl Subscription {
             .map_err(upgrade_error)?;
 
         socket.send(Message::text(auth_message(self.auth_token.as_deref()))).await?;
-        let reply = timeout(HANDSHAKE_TIMEOUT, next_text(&mut socket)).await.map_err(|_| ConnectError::Timeout)??;
+        let reply =
+            timeout(HANDSHAKE_TIMEOUT, next_text(&mut socket)).await.map_err(|_| ConnectError::Timeout)??;
         match parse_server_message(&reply) {
             Ok(ServerMessage::AuthSuccess) => {}
             _ => return Err(ConnectError::Unexpected(reply.chars().take(200).collect())),
@@ -316,7 +331,10 @@ impl Subscription {
         }
     }
 
-    fn handle_frame(&mut self, frame: Result<Option<Result<Message, tungstenite::Error>>, tokio::time::error::Elapsed>) -> Option<StreamEnd> {
+    fn handle_frame(
+        &mut self,
+        frame: Result<Option<Result<Message, tungstenite::Error>>, tokio::time::error::Elapsed>,
+    ) -> Option<StreamEnd> {
         match frame {
             Err(_) => Some(StreamEnd::Idle),
             Ok(None) => Some(StreamEnd::Dropped("connection closed without a close frame".to_owned())),
@@ -360,13 +378,17 @@ impl Subscription {
     }
 
     fn handle_state_change(&mut self, change: FlowRunStateEvent) {
-        self.last_event_occurred = Some(self.last_event_occurred.map_or(change.occurred, |last| last.max(change.occurred)));
+        self.last_event_occurred =
+            Some(self.last_event_occurred.map_or(change.occurred, |last| last.max(change.occurred)));
         debug!(flow_run_id = %change.flow_run_id, state = %change.state.name, "flow run state event");
         if !change.state.is_terminal() {
             return;
         }
         let completion = Completion { state: change.state, source: CompletionSource::Event };
         let resolution = self.registry.resolve(change.flow_run_id, completion);
+        if resolution == Resolution::Delivered {
+            self.status.send_modify(|status| status.completions_from_events += 1);
+        }
         debug!(flow_run_id = %change.flow_run_id, ?resolution, "terminal state event");
     }
 
@@ -432,7 +454,9 @@ impl Subscription {
         for run in runs {
             let Some(state) = run.terminal_state() else { continue };
             let completion = Completion { state: state.clone(), source: CompletionSource::Poll };
-            self.registry.resolve(run.id, completion);
+            if self.registry.resolve(run.id, completion) == Resolution::Delivered {
+                self.status.send_modify(|status| status.completions_from_polls += 1);
+            }
             finished += 1;
         }
         debug!(reason, waiting = waiting.len(), finished, "polled waiting flow runs");
@@ -457,7 +481,9 @@ async fn next_text(socket: &mut Socket) -> Result<String, ConnectError> {
         match socket.next().await {
             Some(Ok(Message::Text(text))) => return Ok(text.to_string()),
             Some(Ok(Message::Close(frame))) => {
-                let reason = frame.map(|frame| format!("{} {}", u16::from(frame.code), frame.reason)).unwrap_or_default();
+                let reason = frame
+                    .map(|frame| format!("{} {}", u16::from(frame.code), frame.reason))
+                    .unwrap_or_default();
                 return Err(ConnectError::ClosedDuringHandshake(reason));
             }
             Some(Ok(_)) => continue,

@@ -8,12 +8,19 @@ use crate::prefect::PrefectError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum JobError {
-    /// Prefect did not answer, even after retries.
+    /// Prefect gave no response, even after retries.
     #[error(
-        "the Prefect API is unavailable: {source}. Start it (deploy/local/stack.sh up) or point \
+        "the Prefect API is unreachable: {source}. Start it (deploy/local/stack.sh up) or point \
          PREFECT_API_URL at a running server"
     )]
-    PrefectUnavailable {
+    PrefectUnreachable {
+        #[source]
+        source: PrefectError,
+    },
+    /// Prefect kept answering that it is overloaded (429, 502, 503, 504) for the whole retry
+    /// budget.
+    #[error("the Prefect API stayed overloaded for a minute of retries: {source}. Try again later")]
+    PrefectOverloaded {
         #[source]
         source: PrefectError,
     },
@@ -62,14 +69,15 @@ impl JobError {
     pub(crate) fn from_lookup(error: PrefectError) -> Self {
         match error {
             PrefectError::DeploymentNotFound { name, api_url } => Self::DeploymentNotFound { name, api_url },
-            error if error.is_transient() => Self::PrefectUnavailable { source: error },
-            error => Self::SubmitFailed { source: error },
+            error => Self::from_submit(error),
         }
     }
 
     pub(crate) fn from_submit(error: PrefectError) -> Self {
-        if error.is_transient() {
-            Self::PrefectUnavailable { source: error }
+        if error.is_unreachable() {
+            Self::PrefectUnreachable { source: error }
+        } else if error.is_transient() {
+            Self::PrefectOverloaded { source: error }
         } else {
             Self::SubmitFailed { source: error }
         }

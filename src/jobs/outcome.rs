@@ -126,7 +126,10 @@ fn classify_exit(output: &RunOutput, timeout_seconds: u64) -> (JobStatus, Option
         0 => (JobStatus::Completed, None),
         code if code < 0 => {
             let signal = -code;
-            (JobStatus::Error, Some(format!("the code was killed by signal {signal} ({})", signal_name(signal))))
+            (
+                JobStatus::Error,
+                Some(format!("the code was killed by signal {signal} ({})", signal_name(signal))),
+            )
         }
         code => (JobStatus::Error, Some(format!("the code exited with code {code}"))),
     }

@@ -29,7 +29,11 @@ impl JobRequest {
     /// # Errors
     /// Returns [`InvalidRequest`] for empty or whitespace-only code, code longer than
     /// `limits.max_code_chars` characters, or a timeout outside the allowed range.
-    pub fn new(code: String, timeout_seconds: Option<i64>, limits: &JobLimits) -> Result<Self, InvalidRequest> {
+    pub fn new(
+        code: String,
+        timeout_seconds: Option<i64>,
+        limits: &JobLimits,
+    ) -> Result<Self, InvalidRequest> {
         if code.trim().is_empty() {
             return Err(InvalidRequest::EmptyCode);
         }
@@ -61,8 +65,11 @@ fn check_timeout(value: Option<i64>, limits: &JobLimits) -> Result<u64, InvalidR
     let Some(value) = value else {
         return Ok(limits.default_timeout_seconds);
     };
-    let out_of_range =
-        InvalidRequest::TimeoutOutOfRange { value, min: limits.min_timeout_seconds, max: limits.max_timeout_seconds };
+    let out_of_range = InvalidRequest::TimeoutOutOfRange {
+        value,
+        min: limits.min_timeout_seconds,
+        max: limits.max_timeout_seconds,
+    };
     let seconds = u64::try_from(value).map_err(|_| out_of_range.clone())?;
     if seconds < limits.min_timeout_seconds || seconds > limits.max_timeout_seconds {
         return Err(out_of_range);
@@ -80,7 +87,8 @@ mod tests {
 
     #[test]
     fn code_at_limit_is_accepted() {
-        let request = JobRequest::new("x".repeat(50_000), None, &limits()).expect("50,000 characters are allowed");
+        let request =
+            JobRequest::new("x".repeat(50_000), None, &limits()).expect("50,000 characters are allowed");
         assert_eq!(request.code_length(), 50_000);
     }
 

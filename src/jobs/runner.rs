@@ -85,7 +85,11 @@ impl JobRunner {
     /// # Errors
     /// Returns [`JobError`] when the run cannot be created, when the caller cancels, when the
     /// service shuts down, or when a finished run's state or result cannot be read.
-    pub async fn run(&self, request: &JobRequest, cancel: &CancellationToken) -> Result<JobOutcome, JobError> {
+    pub async fn run(
+        &self,
+        request: &JobRequest,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutcome, JobError> {
         let started = Instant::now();
         let span = info_span!(
             "job",
@@ -96,7 +100,11 @@ impl JobRunner {
         let mut outcome = self.run_in_span(request, cancel, &span).instrument(span.clone()).await?;
         outcome.elapsed = started.elapsed();
         span.in_scope(|| {
-            info!(status = outcome.status.as_str(), elapsed_ms = outcome.elapsed.as_millis() as u64, "job finished")
+            info!(
+                status = outcome.status.as_str(),
+                elapsed_ms = outcome.elapsed.as_millis() as u64,
+                "job finished"
+            )
         });
         Ok(outcome)
     }
@@ -122,7 +130,8 @@ impl JobRunner {
         info!(flow_run_name = %flow_run.name, "flow run created");
 
         let mut waiter = self.registry.register(flow_run.id);
-        let deadline = Instant::now() + Duration::from_secs(request.timeout_seconds()) + self.config.startup_allowance;
+        let deadline =
+            Instant::now() + Duration::from_secs(request.timeout_seconds()) + self.config.startup_allowance;
         match self.wait_for_terminal(&mut waiter, deadline, cancel).await {
             WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
             WaitEnd::DeadlinePassed => Ok(self.give_up(flow_run, request).await),
@@ -132,7 +141,8 @@ impl JobRunner {
     }
 
     async fn submit(&self, request: &JobRequest) -> Result<FlowRun, JobError> {
-        let deployment_id = self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)?;
+        let deployment_id =
+            self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)?;
         let new_run = NewFlowRun {
             parameters: json!({ "code": request.code(), "timeout_seconds": request.timeout_seconds() }),
             tags: vec![self.config.tag.clone()],
@@ -152,7 +162,12 @@ impl JobRunner {
         }
     }
 
-    async fn wait_for_terminal(&self, waiter: &mut Waiter, deadline: Instant, cancel: &CancellationToken) -> WaitEnd {
+    async fn wait_for_terminal(
+        &self,
+        waiter: &mut Waiter,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> WaitEnd {
         // A run can finish between its creation and the waiter's registration, and its event
         // then has no waiter to reach: one read after registering catches that case.
         if let Some(state) = self.read_terminal_state(waiter.flow_run_id()).await {

@@ -77,7 +77,9 @@ impl JobServer {
         let status = self.runner.status();
         match serde_json::to_value(&status) {
             Ok(value) => CallToolResult::structured(value),
-            Err(error) => CallToolResult::error(vec![ContentBlock::text(format!("status unavailable: {error}"))]),
+            Err(error) => {
+                CallToolResult::error(vec![ContentBlock::text(format!("status unavailable: {error}"))])
+            }
         }
     }
 }

@@ -55,7 +55,8 @@ impl JobReply {
     /// Builds the reply of a job that failed without an ending of its own.
     pub fn from_job_error(error: &JobError, facts: RequestFacts) -> Self {
         let status = match error {
-            JobError::PrefectUnavailable { .. } => "prefect_unavailable",
+            JobError::PrefectUnreachable { .. } => "prefect_unreachable",
+            JobError::PrefectOverloaded { .. } => "prefect_overloaded",
             JobError::DeploymentNotFound { .. } => "deployment_not_found",
             JobError::Cancelled { .. } => "cancelled",
             JobError::ShuttingDown { .. } => "shutting_down",
@@ -96,7 +97,8 @@ fn meta_data(is_error: bool, facts: RequestFacts, flow_run_id: Option<&str>) -> 
 }
 
 fn outcome_text(outcome: &JobOutcome) -> String {
-    let exit = outcome.exit_code().map_or_else(|| "no exit code".to_owned(), |code| format!("exit code {code}"));
+    let exit =
+        outcome.exit_code().map_or_else(|| "no exit code".to_owned(), |code| format!("exit code {code}"));
     let mut text = format!(
         "{} ({exit}), flow run {} ({})\n",
         outcome.status.as_str(),
@@ -132,7 +134,12 @@ mod tests {
     }
 
     fn completed(exit_code: i64) -> JobOutcome {
-        let state = State { state_type: StateType::Completed, name: "Completed".to_owned(), message: None, timestamp: None };
+        let state = State {
+            state_type: StateType::Completed,
+            name: "Completed".to_owned(),
+            message: None,
+            timestamp: None,
+        };
         let output = RunOutput {
             version: 1,
             exit_code,
@@ -143,7 +150,8 @@ mod tests {
             duration_ms: 20,
             timed_out: false,
         };
-        let mut outcome = JobOutcome::finished(Uuid::nil(), "brave-otter".to_owned(), state, Some(output), 120);
+        let mut outcome =
+            JobOutcome::finished(Uuid::nil(), "brave-otter".to_owned(), state, Some(output), 120);
         outcome.elapsed = Duration::from_millis(1500);
         outcome
     }

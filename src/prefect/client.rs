@@ -9,6 +9,8 @@ use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tracing::debug;
 use uuid::Uuid;
 
@@ -20,22 +22,40 @@ use crate::config::{Config, PrefectAuth};
 /// Maximum `limit` that `POST /flow_runs/filter` accepts.
 const FILTER_PAGE_SIZE: usize = 200;
 
-/// How transient failures (no response, 429, 502, 503, 504) are retried.
+/// How transient failures are retried: no response at all, or an overloaded server
+/// (429, 502, 503, 504).
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Attempts in all, the first included.
+    /// Attempts in all, the first included, while the API gives no response.
     pub max_attempts: u32,
+    /// Time spent retrying while the API answers but is overloaded. With SQLite, Prefect
+    /// answers concurrent writes with 503 ("database is locked") for as long as a burst lasts.
+    pub overload_budget: Duration,
     /// First delay; delays double, with jitter, up to `max_delay`.
     pub initial_delay: Duration,
     pub max_delay: Duration,
 }
 
 impl Default for RetryPolicy {
-    /// Eight attempts over about four to seven seconds: long enough to ride out SQLite lock
-    /// contention under a burst of submissions, short enough that an unreachable API is
-    /// reported within seconds.
+    /// Eight attempts over about four to seven seconds when the API is unreachable, so that is
+    /// reported within seconds, and up to a minute while a live server sheds load.
     fn default() -> Self {
-        Self { max_attempts: 8, initial_delay: Duration::from_millis(100), max_delay: Duration::from_secs(2) }
+        Self {
+            max_attempts: 8,
+            overload_budget: Duration::from_secs(60),
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn allows_retry(&self, error: &PrefectError, attempt: u32, elapsed: Duration) -> bool {
+        if error.is_unreachable() {
+            attempt < self.max_attempts
+        } else {
+            error.is_transient() && elapsed < self.overload_budget
+        }
     }
 }
 
@@ -57,6 +77,9 @@ pub struct PrefectClient {
     request_timeout: Duration,
     retry: RetryPolicy,
     deployment_ids: DashMap<String, Uuid>,
+    /// Bounds the writes in flight, because SQLite serializes writers and a burst of
+    /// concurrent creations mostly earns 503s.
+    write_permits: Semaphore,
 }
 
 impl PrefectClient {
@@ -81,6 +104,7 @@ impl PrefectClient {
             request_timeout: config.request_timeout,
             retry,
             deployment_ids: DashMap::new(),
+            write_permits: Semaphore::new(config.max_concurrent_writes),
         })
     }
 
@@ -130,13 +154,18 @@ impl PrefectClient {
     ///
     /// # Errors
     /// Returns the last failure once the retry policy is spent.
-    pub async fn create_flow_run(&self, deployment_id: Uuid, run: &NewFlowRun) -> Result<FlowRun, PrefectError> {
+    pub async fn create_flow_run(
+        &self,
+        deployment_id: Uuid,
+        run: &NewFlowRun,
+    ) -> Result<FlowRun, PrefectError> {
         let body = json!({
             "parameters": run.parameters,
             "tags": run.tags,
             "idempotency_key": run.idempotency_key,
         });
         let path = format!("/deployments/{deployment_id}/create_flow_run");
+        let _permit = self.write_permits.acquire().await.expect("the write semaphore is never closed");
         self.request(Method::POST, &path, Some(&body)).await
     }
 
@@ -156,7 +185,8 @@ impl PrefectClient {
         let mut runs = Vec::with_capacity(flow_run_ids.len());
         for page in flow_run_ids.chunks(FILTER_PAGE_SIZE) {
             let body = json!({"flow_runs": {"id": {"any_": page}}, "limit": FILTER_PAGE_SIZE});
-            let mut found: Vec<FlowRun> = self.request(Method::POST, "/flow_runs/filter", Some(&body)).await?;
+            let mut found: Vec<FlowRun> =
+                self.request(Method::POST, "/flow_runs/filter", Some(&body)).await?;
             runs.append(&mut found);
         }
         Ok(runs)
@@ -181,9 +211,11 @@ impl PrefectClient {
         let Some(data) = artifacts.into_iter().next().and_then(|artifact| artifact.data) else {
             return Ok(None);
         };
-        parse_run_output(data)
-            .map(Some)
-            .map_err(|source| PrefectError::InvalidResponse { method: "POST".to_owned(), path: path.to_owned(), source })
+        parse_run_output(data).map(Some).map_err(|source| PrefectError::InvalidResponse {
+            method: "POST".to_owned(),
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Asks Prefect to cancel a flow run: the worker then kills its process or deletes its Job.
@@ -194,6 +226,7 @@ impl PrefectClient {
     pub async fn cancel_flow_run(&self, flow_run_id: Uuid, message: &str) -> Result<(), PrefectError> {
         let body = json!({"state": {"type": "CANCELLING", "message": message}});
         let path = format!("/flow_runs/{flow_run_id}/set_state");
+        let _permit = self.write_permits.acquire().await.expect("the write semaphore is never closed");
         let _: Value = self.request(Method::POST, &path, Some(&body)).await?;
         Ok(())
     }
@@ -205,10 +238,11 @@ impl PrefectClient {
         body: Option<&Value>,
     ) -> Result<T, PrefectError> {
         let mut backoff = Backoff::new(self.retry.initial_delay, self.retry.max_delay);
+        let started = Instant::now();
         let mut attempt = 1;
         loop {
             match self.send_once(&method, path, body).await {
-                Err(error) if error.is_transient() && attempt < self.retry.max_attempts => {
+                Err(error) if self.retry.allows_retry(&error, attempt, started.elapsed()) => {
                     let delay = backoff.next_delay();
                     debug!(%method, path, attempt, ?delay, %error, "retrying Prefect API request");
                     tokio::time::sleep(delay).await;
@@ -273,7 +307,10 @@ fn authorization_header(auth: &PrefectAuth) -> Result<HeaderValue, PrefectError>
         PrefectAuth::ApiKey(key) => format!("Bearer {key}"),
     };
     let mut header = HeaderValue::from_str(&value).map_err(|_| {
-        PrefectError::InvalidSettings("PREFECT_API_AUTH_STRING or PREFECT_API_KEY holds characters not allowed in an HTTP header".to_owned())
+        PrefectError::InvalidSettings(
+            "PREFECT_API_AUTH_STRING or PREFECT_API_KEY holds characters not allowed in an HTTP header"
+                .to_owned(),
+        )
     })?;
     header.set_sensitive(true);
     Ok(header)
@@ -307,6 +344,34 @@ mod tests {
     #[test]
     fn run_output_missing_field_is_an_error() {
         assert!(parse_run_output(json!({"version": 1})).is_err());
+    }
+
+    fn status_error(status: u16) -> PrefectError {
+        PrefectError::Status { method: "POST".to_owned(), path: "/x".to_owned(), status, body: String::new() }
+    }
+
+    #[test]
+    fn overload_is_retried_until_budget_is_spent() {
+        let policy = RetryPolicy::default();
+        let busy = status_error(503);
+        assert!(policy.allows_retry(&busy, 50, Duration::from_secs(59)));
+        assert!(!policy.allows_retry(&busy, 2, Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        let policy = RetryPolicy::default();
+        assert!(!policy.allows_retry(&status_error(422), 1, Duration::ZERO));
+        assert!(!policy.allows_retry(&status_error(404), 1, Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn unreachable_api_is_retried_max_attempts() {
+        let policy = RetryPolicy::default();
+        let source = reqwest::Client::new().get("http://127.0.0.1:9/").send().await.unwrap_err();
+        let unreachable = PrefectError::unreachable("http://127.0.0.1:9/api", source, Duration::from_secs(1));
+        assert!(policy.allows_retry(&unreachable, 7, Duration::ZERO));
+        assert!(!policy.allows_retry(&unreachable, 8, Duration::ZERO));
     }
 
     #[test]

@@ -124,7 +124,10 @@ mod tests {
         .into_iter()
         .filter(|state_type| state_type.is_terminal())
         .collect();
-        assert_eq!(terminal, [StateType::Completed, StateType::Failed, StateType::Cancelled, StateType::Crashed]);
+        assert_eq!(
+            terminal,
+            [StateType::Completed, StateType::Failed, StateType::Cancelled, StateType::Crashed]
+        );
     }
 
     #[test]
@@ -136,8 +139,9 @@ mod tests {
 
     #[test]
     fn flow_run_without_state_parses() {
-        let run: FlowRun = serde_json::from_str(r#"{"id":"1b4e28ba-2fa1-11d2-883f-0016d3cca427","state":null}"#)
-            .expect("a run without state is valid");
+        let run: FlowRun =
+            serde_json::from_str(r#"{"id":"1b4e28ba-2fa1-11d2-883f-0016d3cca427","state":null}"#)
+                .expect("a run without state is valid");
         assert_eq!(run.terminal_state(), None);
     }
 }

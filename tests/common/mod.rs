@@ -1,0 +1,166 @@
+//! Shared set-up for the integration tests: the service binary driven over stdio by rmcp's
+//! client, against the real Prefect stack that `deploy/local/test.sh` starts.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{json, Map, Value};
+use tokio::process::Command;
+use uuid::Uuid;
+
+/// Variable through which `deploy/local/test.sh` passes the test stack's API URL.
+pub const API_URL_VARIABLE: &str = "K3S_JOB_RUNNER_TEST_API_URL";
+
+/// The test stack's Prefect API URL. Panics with the way to start it when it is unset, so a
+/// plain `cargo test` fails loudly instead of skipping the end-to-end tests.
+pub fn api_url() -> String {
+    std::env::var(API_URL_VARIABLE).unwrap_or_else(|_| {
+        panic!(
+            "{API_URL_VARIABLE} is not set. Run the suite with deploy/local/test.sh, which starts a \
+             Prefect server and worker and sets it"
+        )
+    })
+}
+
+/// One `k3s-job-runner serve` process and the MCP client session talking to it.
+pub struct Server {
+    pub client: RunningService<RoleClient, ()>,
+    /// Tag given to this server's flow runs, unique per server, so tests can count them.
+    pub tag: String,
+}
+
+impl Server {
+    /// Starts a server against the test stack.
+    pub async fn start() -> Self {
+        Self::start_with(HashMap::new()).await
+    }
+
+    /// Starts a server with extra environment variables, which override the defaults.
+    pub async fn start_with(overrides: HashMap<&str, String>) -> Self {
+        let tag = format!("k3s-job-runner-test-{}", Uuid::new_v4());
+        let mut environment: HashMap<&str, String> = HashMap::from([
+            ("PREFECT_API_URL", api_url()),
+            ("K3S_JOB_RUNNER_TAG", tag.clone()),
+            ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())),
+        ]);
+        environment.extend(overrides);
+        let command = Command::new(env!("CARGO_BIN_EXE_k3s-job-runner")).configure(|command| {
+            command.arg("serve");
+            command.env_remove("PREFECT_API_KEY").env_remove("PREFECT_API_AUTH_STRING");
+            command.envs(&environment);
+        });
+        let transport = TokioChildProcess::new(command).expect("the server binary starts");
+        let client = ().serve(transport).await.expect("MCP initialization succeeds");
+        Self { client, tag }
+    }
+
+    /// Calls `run_python_job_tool` with `code` and an optional timeout.
+    pub async fn run(&self, code: &str, timeout_seconds: Option<i64>) -> ToolReply {
+        let mut arguments = Map::new();
+        arguments.insert("code".to_owned(), Value::String(code.to_owned()));
+        if let Some(timeout_seconds) = timeout_seconds {
+            arguments.insert("timeout_seconds".to_owned(), json!(timeout_seconds));
+        }
+        let params = CallToolRequestParams::new("run_python_job_tool").with_arguments(arguments);
+        let result = self.client.call_tool(params).await.expect("the tool call returns a result");
+        ToolReply::new(result)
+    }
+
+    /// Calls `runner_status` and returns its structured content.
+    pub async fn status(&self) -> Value {
+        let params = CallToolRequestParams::new("runner_status");
+        let result = self.client.call_tool(params).await.expect("the status tool returns a result");
+        result.structured_content.expect("the status has structured content")
+    }
+
+    /// Closes the session, which ends the server process.
+    pub async fn stop(self) {
+        self.client.cancel().await.expect("the MCP session closes");
+    }
+}
+
+/// A tool result, with accessors for the fields the tests read.
+#[derive(Debug)]
+pub struct ToolReply {
+    pub is_error: bool,
+    pub value: Value,
+    pub text: String,
+}
+
+impl ToolReply {
+    fn new(result: CallToolResult) -> Self {
+        let text = result
+            .content
+            .iter()
+            .filter_map(|block| block.as_text().map(|text| text.text.clone()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let value = result.structured_content.expect("every job result has structured content");
+        Self { is_error: result.is_error.unwrap_or(false), value, text }
+    }
+
+    pub fn results(&self) -> &Value {
+        &self.value["results"]
+    }
+
+    pub fn stdout(&self) -> &str {
+        self.results()["stdout"].as_str().expect("stdout is a string")
+    }
+
+    pub fn stderr(&self) -> &str {
+        self.results()["stderr"].as_str().expect("stderr is a string")
+    }
+
+    pub fn status(&self) -> &str {
+        self.results()["status"].as_str().expect("status is a string")
+    }
+
+    pub fn exit_code(&self) -> Option<i64> {
+        self.results()["exit_code"].as_i64()
+    }
+
+    pub fn error(&self) -> &str {
+        self.results()["error"].as_str().unwrap_or_default()
+    }
+
+    pub fn flow_run_id(&self) -> Option<Uuid> {
+        self.results()["flow_run_id"].as_str().map(|id| id.parse().expect("flow_run_id is a UUID"))
+    }
+}
+
+/// Minimal REST access to the test stack, for checks the service itself does not expose.
+pub struct PrefectProbe {
+    http: reqwest::Client,
+    api_url: String,
+}
+
+impl PrefectProbe {
+    pub fn new() -> Self {
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("HTTP client builds");
+        Self { http, api_url: api_url() }
+    }
+
+    /// Reads one flow run as JSON.
+    pub async fn flow_run(&self, flow_run_id: Uuid) -> Value {
+        let url = format!("{}/flow_runs/{flow_run_id}", self.api_url);
+        let response = self.http.get(url).send().await.expect("GET flow run");
+        assert!(response.status().is_success(), "GET flow run returned {}", response.status());
+        response.json().await.expect("flow run JSON")
+    }
+
+    /// Counts the flow runs that carry `tag`.
+    pub async fn count_runs_with_tag(&self, tag: &str) -> u64 {
+        let url = format!("{}/flow_runs/count", self.api_url);
+        let body = json!({ "flow_runs": { "tags": { "all_": [tag] } } });
+        let response = self.http.post(url).json(&body).send().await.expect("POST flow_runs/count");
+        assert!(response.status().is_success(), "count returned {}", response.status());
+        response.json().await.expect("count is a number")
+    }
+}
