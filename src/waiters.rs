@@ -1,7 +1,7 @@
 //! Registry of tool calls waiting for their flow run to finish, keyed by flow-run id.
 //!
-//! The events subscription resolves entries; a [`Waiter`] removes its own entry when dropped,
-//! so an entry never outlives its caller, whether it completed, timed out or went away.
+//! The events subscription resolves entries. A [`Waiter`] removes its own entry when dropped,
+//! so an entry never outlives its caller, whether the caller completed, timed out or left.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -12,10 +12,10 @@ use uuid::Uuid;
 
 use crate::prefect::State;
 
-/// Number of terminal states remembered for runs nobody waits for yet.
+/// Number of terminal states remembered for runs that no waiter has registered for yet.
 const RECENT_CAPACITY: usize = 1024;
 
-/// How the service learned that a run reached a terminal state.
+/// Path by which the service learned that a run reached a terminal state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompletionSource {
     /// A flow-run state event on the websocket.
@@ -31,14 +31,14 @@ pub struct Completion {
     pub source: CompletionSource,
 }
 
-/// What happened to a completion handed to [`WaiterRegistry::resolve`].
+/// Result of handing a completion to [`WaiterRegistry::resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
     /// The waiting caller received it.
     Delivered,
     /// A waiter was registered but its caller had already left; nothing to do.
     CallerGone,
-    /// Nobody waits for this run; it is remembered briefly in case a waiter registers next.
+    /// No waiter is registered for this run, so it is remembered briefly in case a waiter registers next.
     NoWaiter,
 }
 
@@ -103,7 +103,7 @@ impl WaiterRegistry {
         self.waiters.len()
     }
 
-    /// Returns true when nobody waits.
+    /// Returns true when no job waits.
     pub fn is_empty(&self) -> bool {
         self.waiters.is_empty()
     }
@@ -133,7 +133,7 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    /// The flow run this waiter waits for.
+    /// Returns the flow run this waiter waits for.
     pub fn flow_run_id(&self) -> Uuid {
         self.flow_run_id
     }

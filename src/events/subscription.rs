@@ -2,9 +2,9 @@
 //!
 //! Its life is a small state machine ([`Mode`]). While subscribed it resolves waiters from
 //! flow-run state events and runs a slow safety poll. When the socket drops it polls every
-//! waiting run with one bulk REST call per interval until it has reconnected, and after each
-//! (re)connection it checks every waiting run once, so completions missed while the socket
-//! was down are still delivered.
+//! waiting run with one bulk REST call per interval until it has reconnected. After each
+//! connection it checks every waiting run once, so completions missed while the socket was
+//! down are still delivered.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -47,7 +47,7 @@ const BACKFILL_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
 /// Number of event ids remembered to drop repeated deliveries across reconnects.
 const SEEN_EVENTS_CAPACITY: usize = 4096;
 
-/// Where the subscription is in its life.
+/// Stage of the subscription's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -64,7 +64,7 @@ pub enum Mode {
     Stopped,
 }
 
-/// What an operator needs to see about the subscription.
+/// Subscription state that an operator needs to see.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SubscriptionStatus {
     pub mode: Mode,
@@ -109,7 +109,7 @@ pub struct SubscriptionHandle {
 }
 
 impl SubscriptionHandle {
-    /// A snapshot of the subscription's state.
+    /// Returns a snapshot of the subscription's state.
     pub fn status(&self) -> SubscriptionStatus {
         self.status.borrow().clone()
     }
@@ -149,7 +149,7 @@ pub struct Subscription {
     last_event_occurred: Option<DateTime<Utc>>,
 }
 
-/// Why a connected socket stopped delivering.
+/// Reason a connected socket stopped delivering.
 #[derive(Debug)]
 enum StreamEnd {
     Shutdown,
@@ -165,7 +165,7 @@ enum StreamEnd {
     Idle,
 }
 
-/// Why a connection attempt failed.
+/// Reason a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
     #[error("websocket upgrade rejected with HTTP {0}")]

@@ -1,4 +1,4 @@
-//! What a finished job reports, derived from the flow run's terminal state and its result.
+//! Outcome of a finished job, derived from the flow run's terminal state and its result.
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::prefect::{RunOutput, State, StateType};
 
-/// How a job ended, as a caller should read it.
+/// Ending of a job, as a caller should read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
@@ -82,7 +82,7 @@ impl JobOutcome {
         self.status == JobStatus::Completed
     }
 
-    /// The code's exit code; negative when a signal killed it (-9 for SIGKILL).
+    /// Returns the code's exit code, which is negative when a signal killed it (-9 for SIGKILL).
     pub fn exit_code(&self) -> Option<i64> {
         self.output.as_ref().map(|output| output.exit_code)
     }

@@ -45,7 +45,7 @@ impl JobRequest {
         Ok(Self { code, timeout_seconds })
     }
 
-    /// The Python source to run.
+    /// Returns the Python source to run.
     pub fn code(&self) -> &str {
         &self.code
     }

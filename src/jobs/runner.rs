@@ -32,7 +32,7 @@ pub struct JobRunner {
     subscription: SubscriptionHandle,
 }
 
-/// What an operator needs to see about the runner.
+/// Runner state that an operator needs to see.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunnerStatus {
     pub api_url: String,
@@ -42,7 +42,7 @@ pub struct RunnerStatus {
     pub waiting_runs: usize,
 }
 
-/// How a wait for a terminal state ended.
+/// Ending of a wait for a terminal state.
 enum WaitEnd {
     Finished { state: State, source: CompletionSource },
     DeadlinePassed,
@@ -67,7 +67,7 @@ impl JobRunner {
         &self.config
     }
 
-    /// A snapshot of the subscription and the number of waiting jobs.
+    /// Returns a snapshot of the subscription and the number of waiting jobs.
     pub fn status(&self) -> RunnerStatus {
         RunnerStatus {
             api_url: self.config.api_url.clone(),

@@ -22,14 +22,14 @@ use crate::config::{Config, PrefectAuth};
 /// Maximum `limit` that `POST /flow_runs/filter` accepts.
 const FILTER_PAGE_SIZE: usize = 200;
 
-/// How transient failures are retried: no response at all, or an overloaded server
+/// Retry policy for transient failures: no response at all, or an overloaded server
 /// (429, 502, 503, 504).
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included, while the API gives no response.
     pub max_attempts: u32,
-    /// Time spent retrying while the API answers but is overloaded. With SQLite, Prefect
-    /// answers concurrent writes with 503 ("database is locked") for as long as a burst lasts.
+    /// Time spent retrying while the API responds but is overloaded. With SQLite, Prefect
+    /// returns 503 ("database is locked") for concurrent writes for as long as a burst lasts.
     pub overload_budget: Duration,
     /// First delay; delays double, with jitter, up to `max_delay`.
     pub initial_delay: Duration,
@@ -108,7 +108,7 @@ impl PrefectClient {
         })
     }
 
-    /// The REST base URL, ending in `/api`.
+    /// Returns the REST base URL, ending in `/api`.
     pub fn api_url(&self) -> &str {
         &self.api_url
     }
@@ -308,7 +308,7 @@ fn authorization_header(auth: &PrefectAuth) -> Result<HeaderValue, PrefectError>
     };
     let mut header = HeaderValue::from_str(&value).map_err(|_| {
         PrefectError::InvalidSettings(
-            "PREFECT_API_AUTH_STRING or PREFECT_API_KEY holds characters not allowed in an HTTP header"
+            "PREFECT_API_AUTH_STRING or PREFECT_API_KEY contains characters that are invalid in an HTTP header"
                 .to_owned(),
         )
     })?;

@@ -69,7 +69,7 @@ pub struct FlowRun {
 }
 
 impl FlowRun {
-    /// The run's state when it is terminal.
+    /// Returns the run's state when it is terminal.
     pub fn terminal_state(&self) -> Option<&State> {
         self.state.as_ref().filter(|state| state.is_terminal())
     }
@@ -82,7 +82,7 @@ pub struct Deployment {
     pub name: String,
 }
 
-/// What the `python-runner` flow stores in its result artifact (format version 1).
+/// Result that the `python-runner` flow stores in its artifact (format version 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunOutput {
     pub version: u32,

@@ -17,7 +17,7 @@ use uuid::Uuid;
 /// Variable through which `deploy/local/test.sh` passes the test stack's API URL.
 pub const API_URL_VARIABLE: &str = "K3S_JOB_RUNNER_TEST_API_URL";
 
-/// The test stack's Prefect API URL. Panics with the way to start it when it is unset, so a
+/// Returns the test stack's Prefect API URL. Panics with the way to start it when it is unset, so a
 /// plain `cargo test` fails loudly instead of skipping the end-to-end tests.
 pub fn api_url() -> String {
     std::env::var(API_URL_VARIABLE).unwrap_or_else(|_| {
