@@ -272,7 +272,7 @@ impl JobRunner {
             flow_run.name,
             flow_run.id,
         );
-        warn!(%message, "job timed out");
+        warn!(reason = %message, "job timed out");
         if let Err(error) = self.client.cancel_flow_run(flow_run.id, "timed out waiting for a result").await {
             warn!(%error, "cancelling the timed-out flow run failed");
         }

@@ -17,7 +17,7 @@ use tracing::warn;
 
 pub use reply::{JobReply, RequestFacts};
 
-use crate::jobs::{JobRequest, JobRunner};
+use crate::jobs::{JobError, JobRequest, JobRunner};
 
 /// Name under which clients call the job tool.
 pub const RUN_TOOL_NAME: &str = "run_python_job_tool";
@@ -113,6 +113,7 @@ pub async fn run_job(runner: &JobRunner, params: RunPythonJobParams, cancel: &Ca
     let timeout_seconds = Some(request.timeout_seconds() as i64);
     match runner.run(&request, cancel).await {
         Ok(outcome) => JobReply::from_outcome(&outcome, facts(timeout_seconds)),
+        Err(error @ JobError::Cancelled { .. }) => JobReply::from_job_error(&error, facts(timeout_seconds)),
         Err(error) => {
             warn!(%error, "job failed");
             JobReply::from_job_error(&error, facts(timeout_seconds))

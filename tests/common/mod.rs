@@ -164,3 +164,59 @@ impl PrefectProbe {
         response.json().await.expect("count is a number")
     }
 }
+
+impl PrefectProbe {
+    /// Reads the ids of the flow runs that carry `tag`.
+    pub async fn run_ids_with_tag(&self, tag: &str) -> Vec<Uuid> {
+        let url = format!("{}/flow_runs/filter", self.api_url);
+        let body = json!({ "flow_runs": { "tags": { "all_": [tag] } }, "limit": 200 });
+        let response = self.http.post(url).json(&body).send().await.expect("POST flow_runs/filter");
+        assert!(response.status().is_success(), "filter returned {}", response.status());
+        let runs: Vec<Value> = response.json().await.expect("flow runs JSON");
+        runs.iter().map(|run| run["id"].as_str().expect("run id").parse().expect("run id is a UUID")).collect()
+    }
+
+    /// Waits up to `limit` for a flow run to reach a terminal state type, and returns its JSON.
+    pub async fn wait_for_terminal(&self, flow_run_id: Uuid, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let run = self.flow_run(flow_run_id).await;
+            let state_type = run["state"]["type"].as_str().unwrap_or_default().to_owned();
+            let terminal = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"].contains(&state_type.as_str());
+            if terminal || tokio::time::Instant::now() >= deadline {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Registers a deployment of the runner flow on a work pool that no worker polls, so its
+    /// runs stay scheduled. Returns its `flow/deployment` name.
+    pub async fn register_unattended_deployment(&self) -> String {
+        let deployment = self.get("/deployments/name/python-runner/python-runner").await;
+        let pool = json!({ "name": "k3s-job-runner-test-unattended", "type": "process" });
+        let response = self.http.post(format!("{}/work_pools/", self.api_url)).json(&pool).send().await.expect("POST pool");
+        assert!(
+            response.status().is_success() || response.status().as_u16() == 409,
+            "creating the pool returned {}",
+            response.status()
+        );
+        let body = json!({
+            "name": "unattended",
+            "flow_id": deployment["flow_id"],
+            "work_pool_name": "k3s-job-runner-test-unattended",
+            "entrypoint": deployment["entrypoint"],
+            "path": deployment["path"],
+        });
+        let response =
+            self.http.post(format!("{}/deployments/", self.api_url)).json(&body).send().await.expect("POST deployment");
+        assert!(response.status().is_success(), "creating the deployment returned {}", response.status());
+        "python-runner/unattended".to_owned()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let response = self.http.get(format!("{}{path}", self.api_url)).send().await.expect("GET");
+        assert!(response.status().is_success(), "GET {path} returned {}", response.status());
+        response.json().await.expect("JSON body")
+    }
+}
