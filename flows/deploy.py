@@ -19,7 +19,9 @@ ENTRYPOINT = "python_runner.py:python_runner"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--pool", default="local-process", help="work pool to run the flow on (default: %(default)s)"
+        "--pool",
+        default="local-process",
+        help="work pool to run the flow on (default: %(default)s)",
     )
     parser.add_argument(
         "--name", default="python-runner", help="deployment name (default: %(default)s)"

@@ -9,10 +9,14 @@ What the flow guarantees:
   built from an allowlist. Nothing from the worker's environment (no `PREFECT_*`) is passed on.
 - stdout and stderr are captured separately and decoded as UTF-8, with invalid bytes replaced
   by U+FFFD. Each stream keeps at most `PYTHON_RUNNER_MAX_OUTPUT_CHARS` characters and is then
-  marked as truncated. Output is read while the child runs, so a full pipe never blocks it.
+  marked as truncated. Output is read as it arrives, also past the limit, so the child does not
+  block on a full pipe.
 - At `timeout_seconds` the child's process group gets SIGTERM, then SIGKILL after a grace
   period. After a normal exit the process group is killed too, so background processes the
-  code started do not outlive the run.
+  code started do not outlive the run. NOTE: a process that moves itself to another session
+  or process group (setsid, daemonizing) escapes both.
+- Output that the child still holds in its own stdio buffer when it is killed is lost, because
+  Python's stdout to a pipe is block-buffered and SIGTERM's default action does not flush it.
 - The result is stored as the flow run's artifact `python-runner-result`, whose `data` is a
   JSON object (see `RunResult.to_payload`), and is also the flow's return value.
 - The flow run ends Completed whenever the code ran, whatever its exit code and also after a
@@ -53,7 +57,7 @@ READ_CHUNK_BYTES = 64 * 1024
 # How long to wait for the reader threads after the child's process group was killed. A process
 # that left the group (for example with setsid) can keep a pipe open for longer than that.
 READER_JOIN_SECONDS = 2.0
-# Longest sleep between checks while waiting for the child to exit.
+# Maximum sleep between checks while waiting for the child to exit.
 MAX_POLL_INTERVAL_SECONDS = 0.05
 
 # From <linux/prctl.h>.
@@ -178,10 +182,10 @@ class OutputCapture:
     def text(self) -> str:
         """Return the kept text, followed by the truncation marker if data was dropped."""
         with self._lock:
-            kept = "".join(self._parts)
+            output = "".join(self._parts)
             if self.truncated:
-                kept += truncation_marker(self.max_chars)
-            return kept
+                output += truncation_marker(self.max_chars)
+            return output
 
 
 def truncation_marker(max_chars: int) -> str:
@@ -373,11 +377,14 @@ def _kill_group_on_default_sigterm(pgid: int) -> Iterator[None]:
     """Kill the child's process group before a SIGTERM ends this process.
 
     This matters when SIGTERM has its default action, which ends the process without running
-    `finally` blocks. When a Python handler is installed, as Prefect 3's flow engine does
-    while a flow runs (it raises TerminationSignal so a cancelled run can clean up), it is
-    left in place: the worker's cancel request needs that handler, and the exception it raises
+    `finally` blocks. A Python handler that is already installed is left in place. Prefect
+    3.9's flow engine installs one while a flow runs, which raises TerminationSignal, and the
+    worker only acknowledges a cancel request while that handler is installed. The exception
     reaches the `finally` in `_run_script`, which kills the group. Signal handlers can only be
     set from the main thread, so elsewhere nothing is installed.
+
+    NOTE: after a SIGKILL of this process only the parent-death signal acts, and it reaches the
+    direct child alone, so processes the code started can outlive it.
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
     if not in_main_thread or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:

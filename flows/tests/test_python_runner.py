@@ -50,7 +50,7 @@ def wait_until_gone(pid: int, timeout_seconds: float = 2.0) -> bool:
     return False
 
 
-def test_print_returns_stdout_and_exit_code_zero():
+def test_print_returns_stdout():
     result = run("print('hi')")
 
     assert result.stdout == "hi\n"
@@ -71,7 +71,7 @@ def test_input_gets_eof_at_once():
     assert result.timed_out is False
 
 
-def test_os_exit_code_is_reported_once():
+def test_os_exit_code_reported():
     result = run('import os; print("side-effect", flush=True); os._exit(3)')
 
     assert result.exit_code == 3
@@ -86,7 +86,7 @@ def test_both_streams_and_system_exit():
     assert result.exit_code == 1
 
 
-def test_output_is_cut_at_limit_with_marker():
+def test_output_cut_at_limit_with_marker():
     settings = RunnerSettings(sys.executable, max_output_chars=1000, kill_grace_seconds=0.5)
     result = run('print("A" * 2_000_000)', settings=settings)
 
@@ -107,7 +107,7 @@ def test_many_small_writes_are_cut_at_limit():
     assert result.stdout == expected + truncation_marker(5000)
 
 
-def test_output_exactly_at_limit_is_not_truncated():
+def test_output_at_limit_not_truncated():
     settings = RunnerSettings(sys.executable, max_output_chars=10, kill_grace_seconds=0.5)
     result = run('print("123456789")', settings=settings)
 
@@ -115,7 +115,7 @@ def test_output_exactly_at_limit_is_not_truncated():
     assert result.stdout_truncated is False
 
 
-def test_truncation_keeps_multibyte_characters_whole():
+def test_truncation_keeps_characters_whole():
     # 7 ASCII characters then 3-byte and 4-byte characters, so the byte and character
     # positions of the limit differ.
     code = 'import sys; sys.stdout.write("abcdefg" + "\\u65e5\\U0001F600" * 50)'
@@ -127,7 +127,7 @@ def test_truncation_keeps_multibyte_characters_whole():
     assert "\ufffd" not in result.stdout
 
 
-def test_capture_decodes_characters_split_across_reads():
+def test_capture_joins_split_characters():
     capture = OutputCapture(max_chars=100)
     data = "h\u00e9llo \u2713 \U0001F600".encode()
     for byte in data:
@@ -148,7 +148,7 @@ def test_capture_drops_data_after_limit():
     assert capture.truncated is True
 
 
-def test_invalid_utf8_becomes_replacement_character():
+def test_invalid_utf8_becomes_replacement():
     code = (
         "import sys\n"
         'sys.stdout.buffer.write(b"ok \\xff\\xb2 end\\n")\n'
@@ -162,13 +162,13 @@ def test_invalid_utf8_becomes_replacement_character():
     assert result.stderr == "\ufffd\n"
 
 
-def test_incomplete_character_at_end_becomes_replacement():
+def test_incomplete_final_character_replaced():
     result = run('import sys; sys.stdout.buffer.write(b"end \\xe6\\x97")')
 
     assert result.stdout == "end \ufffd"
 
 
-def test_timeout_stops_busy_loop_and_keeps_output():
+def test_timeout_stops_busy_loop():
     started = time.monotonic()
     result = run('print("before", flush=True)\nwhile True: pass', timeout_seconds=1.0)
     elapsed = time.monotonic() - started
@@ -179,7 +179,7 @@ def test_timeout_stops_busy_loop_and_keeps_output():
     assert elapsed < 3.0
 
 
-def test_timeout_kills_code_that_ignores_sigterm():
+def test_timeout_kills_sigterm_ignoring_code():
     code = (
         "import signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -210,7 +210,7 @@ def test_timeout_kills_whole_process_tree():
     assert wait_until_gone(sleep_pid)
 
 
-def test_background_child_killed_after_normal_exit():
+def test_background_child_killed_after_exit():
     code = (
         "import subprocess\n"
         'child = subprocess.Popen(["sleep", "1000"])\n'
@@ -229,7 +229,7 @@ def test_background_child_killed_after_normal_exit():
     assert wait_until_gone(sleep_pid)
 
 
-def test_grandchild_holding_pipe_does_not_hang():
+def test_detached_grandchild_does_not_hang():
     # The grandchild leaves the process group, so killing the group misses it, and it keeps
     # stdout open. The runner must still return after its bounded wait for the readers.
     code = (
@@ -269,7 +269,7 @@ class Terminated(Exception):
     pass
 
 
-def test_sigterm_handler_exception_kills_process_tree(tmp_path):
+def test_sigterm_exception_kills_process_tree(tmp_path):
     # Prefect's flow engine handles SIGTERM by raising an exception in the main thread.
     pid_file = tmp_path / "sleep.pid"
 
@@ -291,7 +291,7 @@ def test_sigterm_handler_exception_kills_process_tree(tmp_path):
     assert wait_until_gone(read_pid_when_written(pid_file))
 
 
-def test_sigterm_with_default_action_kills_process_tree(tmp_path):
+def test_default_sigterm_kills_process_tree(tmp_path):
     pid_file = tmp_path / "sleep.pid"
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
@@ -299,7 +299,8 @@ def test_sigterm_with_default_action_kills_process_tree(tmp_path):
         "run_code(sys.argv[2], 30)\n"
     )
     flows_dir = str(Path(__file__).resolve().parents[1])
-    runner = subprocess.Popen([sys.executable, "-c", script, flows_dir, write_pid_and_sleep_code(pid_file)])
+    code = write_pid_and_sleep_code(pid_file)
+    runner = subprocess.Popen([sys.executable, "-c", script, flows_dir, code])
     sleep_pid = read_pid_when_written(pid_file, timeout_seconds=15)
     runner.send_signal(signal.SIGTERM)
 
@@ -316,19 +317,21 @@ def test_environment_is_allowlist_only(monkeypatch):
     assert result.stdout == "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR']\n"
 
 
-def test_home_tmpdir_and_cwd_are_fresh_directory():
+def test_workdir_is_home_and_tmpdir():
     code = (
         "import os, tempfile\n"
-        "print(os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR'])\n"
+        "print(os.getcwd())\n"
+        "print(os.environ['HOME'])\n"
+        "print(os.environ['TMPDIR'])\n"
         "path = tempfile.mkstemp()[1]\n"
         "open(path, 'w').write('ok')\n"
         "print(open(path).read())\n"
-        "print(os.getcwd())\n"
     )
     result = run(code)
-    same, written, workdir = result.stdout.splitlines()
+    workdir, home, tmpdir, written = result.stdout.splitlines()
 
-    assert same == "True"
+    assert home == workdir
+    assert tmpdir == workdir
     assert written == "ok"
     assert not os.path.exists(workdir)
 
@@ -377,7 +380,7 @@ def test_settings_reject_invalid_values(name, value):
         RunnerSettings.from_env({name: value})
 
 
-def test_payload_has_version_and_all_fields():
+def test_payload_has_all_fields():
     payload = run("print('hi')").to_payload()
 
     assert set(payload) == {
