@@ -157,9 +157,8 @@ impl PrefectProbe {
 
     /// Counts the flow runs that carry `tag`.
     pub async fn count_runs_with_tag(&self, tag: &str) -> u64 {
-        let url = format!("{}/flow_runs/count", self.api_url);
         let body = json!({ "flow_runs": { "tags": { "all_": [tag] } } });
-        let response = self.http.post(url).json(&body).send().await.expect("POST flow_runs/count");
+        let response = self.post("/flow_runs/count", &body).await;
         assert!(response.status().is_success(), "count returned {}", response.status());
         response.json().await.expect("count is a number")
     }
@@ -168,9 +167,8 @@ impl PrefectProbe {
 impl PrefectProbe {
     /// Reads the ids of the flow runs that carry `tag`.
     pub async fn run_ids_with_tag(&self, tag: &str) -> Vec<Uuid> {
-        let url = format!("{}/flow_runs/filter", self.api_url);
         let body = json!({ "flow_runs": { "tags": { "all_": [tag] } }, "limit": 200 });
-        let response = self.http.post(url).json(&body).send().await.expect("POST flow_runs/filter");
+        let response = self.post("/flow_runs/filter", &body).await;
         assert!(response.status().is_success(), "filter returned {}", response.status());
         let runs: Vec<Value> = response.json().await.expect("flow runs JSON");
         runs.iter().map(|run| run["id"].as_str().expect("run id").parse().expect("run id is a UUID")).collect()
@@ -195,7 +193,7 @@ impl PrefectProbe {
     pub async fn register_unattended_deployment(&self) -> String {
         let deployment = self.get("/deployments/name/python-runner/python-runner").await;
         let pool = json!({ "name": "k3s-job-runner-test-unattended", "type": "process" });
-        let response = self.http.post(format!("{}/work_pools/", self.api_url)).json(&pool).send().await.expect("POST pool");
+        let response = self.post("/work_pools/", &pool).await;
         assert!(
             response.status().is_success() || response.status().as_u16() == 409,
             "creating the pool returned {}",
@@ -208,10 +206,22 @@ impl PrefectProbe {
             "entrypoint": deployment["entrypoint"],
             "path": deployment["path"],
         });
-        let response =
-            self.http.post(format!("{}/deployments/", self.api_url)).json(&body).send().await.expect("POST deployment");
+        let response = self.post("/deployments/", &body).await;
         assert!(response.status().is_success(), "creating the deployment returned {}", response.status());
         "python-runner/unattended".to_owned()
+    }
+
+    /// Sends a POST, retrying while SQLite-backed Prefect returns 503 for concurrent writes.
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        let url = format!("{}{path}", self.api_url);
+        for _ in 0..60 {
+            let response = self.http.post(&url).json(body).send().await.expect("POST reaches Prefect");
+            if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                return response;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("POST {path} returned 503 for 30 s");
     }
 
     async fn get(&self, path: &str) -> Value {
