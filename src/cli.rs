@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +14,7 @@ use rmcp::ServiceExt;
 use serde_json::{Map, Value};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::jobs::JobRunner;
@@ -20,6 +22,8 @@ use crate::mcp::{run_job, JobServer, RunPythonJobParams, RUN_TOOL_NAME};
 
 /// Exit code when the job ran out of time, as `timeout(1)` uses.
 const EXIT_TIMEOUT: u8 = 124;
+/// Longest wait for in-flight tool calls to send their results at shutdown.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// Exit code when the request was invalid and nothing ran.
 const EXIT_INVALID_REQUEST: u8 = 2;
 
@@ -95,24 +99,44 @@ impl Cli {
 async fn serve() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     info!(api_url = %config.api_url, deployment = %config.deployment, "starting MCP server on stdio");
-    let runner = std::sync::Arc::new(JobRunner::start(config)?);
-    let service = JobServer::new(std::sync::Arc::clone(&runner))
-        .serve(rmcp::transport::stdio())
-        .await
-        .context("MCP initialization failed")?;
+    let runner = Arc::new(JobRunner::start(config)?);
+    tokio::spawn(report_startup_health(Arc::clone(&runner)));
+    let server = JobServer::new(Arc::clone(&runner));
+    let service =
+        server.clone().serve(rmcp::transport::stdio()).await.context("MCP initialization failed")?;
     let cancel = service.cancellation_token();
-    tokio::select! {
-        quit = service.waiting() => { quit.context("MCP service failed")?; }
+    let mut waiting = tokio::spawn(service.waiting());
+
+    let stopped_by_client = tokio::select! {
+        quit = &mut waiting => {
+            info!(reason = ?quit, "MCP client closed the session");
+            true
+        }
         signal = shutdown_signal() => {
             info!(signal, "stopping on signal");
-            cancel.cancel();
+            false
         }
-    }
-    if let Ok(runner) = std::sync::Arc::try_unwrap(runner) {
-        runner.shutdown().await;
+    };
+    // Ending the waits first lets each in-flight call cancel its flow run and send its
+    // result before the transport closes.
+    runner.shutdown().await;
+    if !stopped_by_client {
+        server.wait_until_idle(SHUTDOWN_DRAIN).await;
+        cancel.cancel();
+        if tokio::time::timeout(SHUTDOWN_DRAIN, waiting).await.is_err() {
+            warn!("the MCP service did not stop in time");
+        }
     }
     info!("MCP server stopped");
     Ok(())
+}
+
+/// Logs a warning when Prefect cannot be reached at start-up. The service keeps running:
+/// the subscription retries, and jobs get a clear error until Prefect is back.
+async fn report_startup_health(runner: Arc<JobRunner>) {
+    if let Err(error) = runner.check_health().await {
+        warn!(%error, "the Prefect API is unreachable at start-up; jobs fail until it answers");
+    }
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -4,6 +4,7 @@
 //! so an entry never outlives its caller, whether the caller completed, timed out or left.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -52,6 +53,8 @@ pub struct RegistryClosed;
 pub struct WaiterRegistry {
     waiters: DashMap<Uuid, oneshot::Sender<Completion>>,
     recent: Mutex<RecentCompletions>,
+    /// Set by [`WaiterRegistry::close_all`]; later registrations end at once.
+    closed: AtomicBool,
 }
 
 impl WaiterRegistry {
@@ -66,6 +69,11 @@ impl WaiterRegistry {
     pub fn register(self: &Arc<Self>, flow_run_id: Uuid) -> Waiter {
         let (sender, receiver) = oneshot::channel();
         self.waiters.insert(flow_run_id, sender);
+        // Checked after inserting, so a registration racing with `close_all` cannot leave an
+        // entry that nothing will ever resolve.
+        if self.closed.load(Ordering::SeqCst) {
+            self.waiters.remove(&flow_run_id);
+        }
         // Look for an early completion only after inserting, so a completion that arrives in
         // between is delivered by `resolve` instead of being missed.
         let early = self.recent_completions().remove(&flow_run_id);
@@ -110,6 +118,7 @@ impl WaiterRegistry {
 
     /// Ends every wait with [`RegistryClosed`], at shutdown.
     pub fn close_all(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         self.waiters.clear();
     }
 
@@ -260,6 +269,15 @@ mod tests {
         let _waiter = registry.register(id);
         assert_eq!(registry.resolve(id, completed()), Resolution::Delivered);
         assert_eq!(registry.resolve(id, completed()), Resolution::NoWaiter);
+    }
+
+    #[tokio::test]
+    async fn registration_after_close_ends_at_once() {
+        let registry = WaiterRegistry::new();
+        registry.close_all();
+        let mut waiter = registry.register(Uuid::new_v4());
+        assert_eq!(waiter.completion().await, Err(RegistryClosed));
+        assert!(registry.is_empty());
     }
 
     #[tokio::test]

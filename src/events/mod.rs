@@ -5,4 +5,4 @@ mod message;
 mod subscription;
 
 pub use message::{auth_message, filter_message, parse_server_message, FlowRunStateEvent, ServerMessage};
-pub use subscription::{Mode, Subscription, SubscriptionHandle, SubscriptionStatus};
+pub use subscription::{FlowRunReader, Mode, Subscription, SubscriptionHandle, SubscriptionStatus};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -25,20 +26,54 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+use uuid::Uuid;
 
 use super::message::{auth_message, filter_message, parse_server_message, FlowRunStateEvent, ServerMessage};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::prefect::PrefectClient;
+use crate::prefect::{FlowRun, PrefectClient, PrefectError};
 use crate::waiters::{Completion, CompletionSource, Resolution, WaiterRegistry};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A websocket as the streaming loop uses it: frames in, frames out. The real socket and the
+/// in-memory sockets of the unit tests both fit.
+trait FrameSocket:
+    futures::Stream<Item = Result<Message, tungstenite::Error>>
+    + futures::Sink<Message, Error = tungstenite::Error>
+    + Unpin
+{
+}
+
+impl<S> FrameSocket for S where
+    S: futures::Stream<Item = Result<Message, tungstenite::Error>>
+        + futures::Sink<Message, Error = tungstenite::Error>
+        + Unpin
+{
+}
+
+/// Bulk reader of flow runs, the one REST call the subscription makes.
+pub trait FlowRunReader: Send + Sync {
+    /// Reads the flow runs with the given ids.
+    fn read_flow_runs<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, Result<Vec<FlowRun>, PrefectError>>;
+}
+
+impl FlowRunReader for PrefectClient {
+    fn read_flow_runs<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, Result<Vec<FlowRun>, PrefectError>> {
+        Box::pin(PrefectClient::read_flow_runs(self, ids))
+    }
+}
 
 /// Time allowed for the upgrade and for the server's reply to our auth message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A socket that delivers no frame for this long is treated as dead. Prefect's server pings
 /// every 20 s, so a healthy socket is never this quiet.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval of our own pings. Prefect's server pings every 20 s too, but a ping of ours makes
+/// a dead peer show up as a failed write or a silent socket even if the server's pings stop.
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Failed connection attempts in a row between two warnings; the ones in between log at debug.
+const FAILURE_WARNING_EVERY: u32 = 20;
 /// A connection that lasted this long resets the reconnect backoff.
 const HEALTHY_PERIOD: Duration = Duration::from_secs(60);
 /// How far before the last event seen a reconnect's backfill starts. Prefect persists events
@@ -105,7 +140,7 @@ impl SubscriptionStatus {
 pub struct SubscriptionHandle {
     status: watch::Receiver<SubscriptionStatus>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SubscriptionHandle {
@@ -123,10 +158,12 @@ impl SubscriptionHandle {
         timeout(limit, subscribed).await.unwrap_or(false)
     }
 
-    /// Stops the task, closing the socket, and ends every remaining wait.
-    pub async fn shutdown(self) {
+    /// Stops the task, closing the socket, and ends every remaining wait. Later calls return
+    /// at once.
+    pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        if let Err(error) = self.task.await {
+        let Some(task) = self.task.lock().await.take() else { return };
+        if let Err(error) = task.await {
             error!(%error, "events subscription task failed");
         }
     }
@@ -140,13 +177,47 @@ pub struct Subscription {
     fallback_poll_interval: Duration,
     safety_poll_interval: Duration,
     slow_retry: Duration,
-    client: Arc<PrefectClient>,
+    client: Arc<dyn FlowRunReader>,
     registry: Arc<WaiterRegistry>,
     status: watch::Sender<SubscriptionStatus>,
     shutdown: CancellationToken,
     backoff: Backoff,
     seen: SeenEvents,
     last_event_occurred: Option<DateTime<Utc>>,
+    /// Failed connection attempts since the last subscription, for rate-limited warnings.
+    failures_in_a_row: u32,
+}
+
+/// What the subscription does next, decided from how the last attempt ended. Pacing (how
+/// long to wait) is applied separately by [`Subscription::pace`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Reconnect after the backoff delay, polling waiting runs meanwhile.
+    Reconnect,
+    /// The server rejects websockets: poll waiting runs and retry the socket slowly.
+    PollAndRetrySlowly,
+    /// Shutting down.
+    Stop,
+}
+
+impl Next {
+    fn after_connect_failure(error: &ConnectError) -> Self {
+        if error.is_refusal() {
+            Self::PollAndRetrySlowly
+        } else {
+            Self::Reconnect
+        }
+    }
+
+    fn after_stream_end(end: &StreamEnd) -> Self {
+        match end {
+            StreamEnd::Shutdown => Self::Stop,
+            StreamEnd::Closed { code: Some(CloseCode::Policy), .. } => Self::PollAndRetrySlowly,
+            // 1012 (server restart), 1011 (keepalive failure), 1002 (filter rejected, a bug
+            // that is logged) and every other close, drop or silence: reconnect.
+            StreamEnd::Closed { .. } | StreamEnd::Dropped(_) | StreamEnd::Idle => Self::Reconnect,
+        }
+    }
 }
 
 /// Reason a connected socket stopped delivering.
@@ -195,11 +266,21 @@ impl Subscription {
     /// Starts the subscription task for `config`, resolving waiters in `registry`.
     pub fn spawn(
         config: &Config,
-        client: Arc<PrefectClient>,
+        client: Arc<dyn FlowRunReader>,
         registry: Arc<WaiterRegistry>,
     ) -> SubscriptionHandle {
+        let (subscription, status_receiver) = Self::new(config, client, registry);
+        let shutdown = subscription.shutdown.clone();
+        let task = tokio::spawn(subscription.run());
+        SubscriptionHandle { status: status_receiver, shutdown, task: tokio::sync::Mutex::new(Some(task)) }
+    }
+
+    fn new(
+        config: &Config,
+        client: Arc<dyn FlowRunReader>,
+        registry: Arc<WaiterRegistry>,
+    ) -> (Self, watch::Receiver<SubscriptionStatus>) {
         let (status, status_receiver) = watch::channel(SubscriptionStatus::starting());
-        let shutdown = CancellationToken::new();
         let subscription = Self {
             events_url: config.events_url(),
             auth_token: config.auth.as_ref().map(|auth| auth.websocket_token().to_owned()),
@@ -210,13 +291,13 @@ impl Subscription {
             client,
             registry,
             status,
-            shutdown: shutdown.clone(),
+            shutdown: CancellationToken::new(),
             backoff: Backoff::new(config.reconnect_initial, config.reconnect_max),
             seen: SeenEvents::default(),
             last_event_occurred: None,
+            failures_in_a_row: 0,
         };
-        let task = tokio::spawn(subscription.run());
-        SubscriptionHandle { status: status_receiver, shutdown, task }
+        (subscription, status_receiver)
     }
 
     async fn run(mut self) {
@@ -281,21 +362,38 @@ impl Subscription {
 
     fn on_connect_failed(&mut self, error: &ConnectError) -> Duration {
         self.record_error(error.to_string());
-        if error.is_refusal() {
+        self.failures_in_a_row += 1;
+        let next = Next::after_connect_failure(error);
+        let (mode, delay) = self.pace(next);
+        let failures = self.failures_in_a_row;
+        if next == Next::PollAndRetrySlowly {
             warn!(
-                url = %self.events_url, %error, retry_in = ?self.slow_retry,
+                url = %self.events_url, %error, retry_in = ?delay,
                 "Prefect rejects the events websocket; waiting runs are polled over REST instead"
             );
-            self.set_mode(Mode::Polling);
-            return self.slow_retry;
+        } else if failures == 1 || failures % FAILURE_WARNING_EVERY == 0 {
+            warn!(
+                url = %self.events_url, %error, failures, retry_in = ?delay,
+                "cannot connect the events websocket; polling waiting runs until it connects"
+            );
+        } else {
+            debug!(url = %self.events_url, %error, failures, retry_in = ?delay, "events websocket connection failed");
         }
-        let delay = self.backoff.next_delay();
-        debug!(url = %self.events_url, %error, retry_in = ?delay, "events websocket connection failed");
-        self.set_mode(Mode::BackingOff);
+        self.set_mode(mode);
         delay
     }
 
+    /// Turns a decision into the mode to enter and the time to wait before the next attempt.
+    fn pace(&mut self, next: Next) -> (Mode, Duration) {
+        match next {
+            Next::Reconnect => (Mode::BackingOff, self.backoff.next_delay()),
+            Next::PollAndRetrySlowly => (Mode::Polling, self.slow_retry),
+            Next::Stop => (Mode::Stopped, Duration::ZERO),
+        }
+    }
+
     async fn on_subscribed(&mut self) {
+        self.failures_in_a_row = 0;
         let connections = self.status.borrow().connections + 1;
         self.status.send_modify(|status| {
             status.mode = Mode::Subscribed;
@@ -310,9 +408,14 @@ impl Subscription {
         self.poll_waiting("subscribed").await;
     }
 
-    async fn stream(&mut self, mut socket: Socket) -> StreamEnd {
+    async fn stream(&mut self, mut socket: impl FrameSocket) -> StreamEnd {
         let mut safety_poll = tokio::time::interval(self.safety_poll_interval);
         safety_poll.reset();
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.reset();
+        // One deadline for the whole stream, moved only by received frames: the ping and
+        // safety-poll ticks must not count as signs of life.
+        let mut idle_deadline = Instant::now() + IDLE_TIMEOUT;
         loop {
             let frame = tokio::select! {
                 () = self.shutdown.cancelled() => {
@@ -323,32 +426,34 @@ impl Subscription {
                     self.poll_waiting("safety").await;
                     continue;
                 }
-                frame = timeout(IDLE_TIMEOUT, socket.next()) => frame,
+                _ = ping.tick() => match send_ping(&mut socket).await {
+                    Ok(()) => continue,
+                    Err(end) => return end,
+                },
+                () = tokio::time::sleep_until(idle_deadline) => return StreamEnd::Idle,
+                frame = socket.next() => frame,
             };
+            idle_deadline = Instant::now() + IDLE_TIMEOUT;
             if let Some(end) = self.handle_frame(frame) {
                 return end;
             }
         }
     }
 
-    fn handle_frame(
-        &mut self,
-        frame: Result<Option<Result<Message, tungstenite::Error>>, tokio::time::error::Elapsed>,
-    ) -> Option<StreamEnd> {
+    fn handle_frame(&mut self, frame: Option<Result<Message, tungstenite::Error>>) -> Option<StreamEnd> {
         match frame {
-            Err(_) => Some(StreamEnd::Idle),
-            Ok(None) => Some(StreamEnd::Dropped("connection closed without a close frame".to_owned())),
-            Ok(Some(Err(error))) => Some(StreamEnd::Dropped(error.to_string())),
-            Ok(Some(Ok(Message::Close(frame)))) => Some(StreamEnd::Closed {
+            None => Some(StreamEnd::Dropped("connection closed without a close frame".to_owned())),
+            Some(Err(error)) => Some(StreamEnd::Dropped(error.to_string())),
+            Some(Ok(Message::Close(frame))) => Some(StreamEnd::Closed {
                 code: frame.as_ref().map(|frame| frame.code),
                 reason: frame.map(|frame| frame.reason.to_string()).unwrap_or_default(),
             }),
-            Ok(Some(Ok(Message::Text(text)))) => {
+            Some(Ok(Message::Text(text))) => {
                 self.handle_text(&text);
                 None
             }
             // Pongs to the server's pings are queued by tungstenite and sent on the next read.
-            Ok(Some(Ok(_))) => None,
+            Some(Ok(_)) => None,
         }
     }
 
@@ -393,17 +498,15 @@ impl Subscription {
     }
 
     fn on_stream_end(&mut self, end: &StreamEnd) -> Duration {
-        let delay = self.backoff.next_delay();
+        let next = Next::after_stream_end(end);
+        let (mode, delay) = self.pace(next);
         match end {
-            StreamEnd::Shutdown => return Duration::ZERO,
+            StreamEnd::Shutdown => return delay,
             StreamEnd::Closed { code: Some(CloseCode::Protocol), reason } => {
                 error!(%reason, "Prefect rejected the events filter (close 1002); this is a bug in the filter message");
             }
             StreamEnd::Closed { code: Some(CloseCode::Policy), reason } => {
-                warn!(%reason, "Prefect closed the events websocket for a policy violation (1008), usually bad credentials");
-                self.record_error(format!("closed with 1008: {reason}"));
-                self.set_mode(Mode::Polling);
-                return self.slow_retry;
+                warn!(%reason, retry_in = ?delay, "Prefect closed the events websocket for a policy violation (1008), usually bad credentials; polling waiting runs instead");
             }
             StreamEnd::Closed { code, reason } => {
                 info!(code = ?code, %reason, retry_in = ?delay, "events websocket closed by the server; reconnecting");
@@ -416,7 +519,7 @@ impl Subscription {
             }
         }
         self.record_error(format!("{end:?}"));
-        self.set_mode(Mode::BackingOff);
+        self.set_mode(mode);
         delay
     }
 
@@ -500,9 +603,17 @@ fn upgrade_error(error: tungstenite::Error) -> ConnectError {
     }
 }
 
-async fn close_quietly(socket: &mut Socket) {
+async fn send_ping(socket: &mut impl FrameSocket) -> Result<(), StreamEnd> {
+    match timeout(HANDSHAKE_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(StreamEnd::Dropped(format!("sending a ping failed: {error}"))),
+        Err(_) => Err(StreamEnd::Dropped("sending a ping timed out".to_owned())),
+    }
+}
+
+async fn close_quietly(socket: &mut impl FrameSocket) {
     let frame = CloseFrame { code: CloseCode::Away, reason: "k3s-job-runner shutting down".into() };
-    let _ = timeout(Duration::from_secs(1), socket.close(Some(frame))).await;
+    let _ = timeout(Duration::from_secs(1), socket.send(Message::Close(Some(frame)))).await;
 }
 
 /// Recently seen event ids, oldest forgotten first, so memory stays bounded.
@@ -550,6 +661,273 @@ mod tests {
         }
         assert_eq!(seen.ids.len(), SEEN_EVENTS_CAPACITY);
         assert!(seen.insert(first), "the oldest id should have been forgotten");
+    }
+
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use futures::channel::mpsc;
+    use serde_json::json;
+
+    use crate::prefect::{State, StateType};
+    use crate::waiters::CompletionSource;
+
+    /// An in-memory websocket: the test pushes frames in and reads what the loop sent.
+    struct FakeSocket {
+        incoming: mpsc::UnboundedReceiver<Result<Message, tungstenite::Error>>,
+        sent: mpsc::UnboundedSender<Message>,
+    }
+
+    impl futures::Stream for FakeSocket {
+        type Item = Result<Message, tungstenite::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.incoming.poll_next_unpin(cx)
+        }
+    }
+
+    impl futures::Sink<Message> for FakeSocket {
+        type Error = tungstenite::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            let _ = self.sent.unbounded_send(item);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Ends {
+        frames: mpsc::UnboundedSender<Result<Message, tungstenite::Error>>,
+        sent: mpsc::UnboundedReceiver<Message>,
+    }
+
+    fn fake_socket() -> (FakeSocket, Ends) {
+        let (frames, incoming) = mpsc::unbounded();
+        let (sent_sender, sent) = mpsc::unbounded();
+        (FakeSocket { incoming, sent: sent_sender }, Ends { frames, sent })
+    }
+
+    /// Returns every run it is asked for in `state_type`, and counts the calls.
+    struct FakeReader {
+        state_type: StateType,
+        calls: AtomicUsize,
+    }
+
+    impl FlowRunReader for FakeReader {
+        fn read_flow_runs<'a>(
+            &'a self,
+            ids: &'a [Uuid],
+        ) -> BoxFuture<'a, Result<Vec<FlowRun>, PrefectError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let runs = ids.iter().map(|id| flow_run(*id, self.state_type)).collect();
+            Box::pin(async move { Ok(runs) })
+        }
+    }
+
+    fn flow_run(id: Uuid, state_type: StateType) -> FlowRun {
+        let name = format!("{state_type:?}");
+        let state = State { state_type, name, message: None, timestamp: None };
+        FlowRun { id, name: "test-run".to_owned(), state: Some(state) }
+    }
+
+    fn subscription_with(
+        state_type: StateType,
+        safety_poll_interval: Duration,
+    ) -> (Subscription, Arc<FakeReader>, Arc<WaiterRegistry>) {
+        let config = Config { safety_poll_interval, ..Config::default() };
+        let reader = Arc::new(FakeReader { state_type, calls: AtomicUsize::new(0) });
+        let registry = WaiterRegistry::new();
+        let (subscription, _) = Subscription::new(&config, Arc::clone(&reader) as _, Arc::clone(&registry));
+        (subscription, reader, registry)
+    }
+
+    fn close_after(frames: mpsc::UnboundedSender<Result<Message, tungstenite::Error>>, after: Duration) {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = frames.unbounded_send(Ok(Message::Close(None)));
+        });
+    }
+
+    fn completed_event(flow_run_id: Uuid, event_id: Uuid) -> Message {
+        let frame = json!({
+            "type": "event",
+            "event": {
+                "id": event_id,
+                "occurred": "2026-12-04T15:00:00.123456Z",
+                "event": "prefect.flow-run.Completed",
+                "resource": {
+                    "prefect.resource.id": format!("prefect.flow-run.{flow_run_id}"),
+                    "prefect.state-type": "COMPLETED",
+                    "prefect.state-name": "Completed",
+                },
+                "related": [],
+                "payload": {},
+            }
+        });
+        Message::text(frame.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_socket_ends_after_idle_timeout() {
+        let (mut subscription, _, _) = subscription_with(StateType::Running, Duration::from_secs(30));
+        let (socket, _ends) = fake_socket();
+        let started = Instant::now();
+
+        let end = subscription.stream(socket).await;
+
+        assert!(matches!(end, StreamEnd::Idle), "{end:?}");
+        assert_eq!(started.elapsed(), IDLE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn received_frames_keep_socket_alive() {
+        let (mut subscription, _, _) = subscription_with(StateType::Running, Duration::from_secs(30));
+        let (socket, ends) = fake_socket();
+        let frames = ends.frames.clone();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                let _ = frames.unbounded_send(Ok(Message::Ping(Vec::new().into())));
+            }
+        });
+        let started = Instant::now();
+
+        let end = subscription.stream(socket).await;
+
+        assert!(matches!(end, StreamEnd::Idle), "{end:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(150) + IDLE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_go_out_every_interval() {
+        let (mut subscription, _, _) = subscription_with(StateType::Running, Duration::from_secs(30));
+        let (socket, mut ends) = fake_socket();
+        close_after(ends.frames.clone(), Duration::from_secs(45));
+
+        let end = subscription.stream(socket).await;
+
+        assert!(matches!(end, StreamEnd::Closed { .. }), "{end:?}");
+        let mut pings = 0;
+        while let Ok(Some(message)) = ends.sent.try_next() {
+            pings += usize::from(matches!(message, Message::Ping(_)));
+        }
+        assert_eq!(pings, 2, "pings at 20 s and 40 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn safety_poll_checks_waiting_runs_each_interval() {
+        let (mut subscription, reader, registry) =
+            subscription_with(StateType::Running, Duration::from_secs(5));
+        let _waiter = registry.register(Uuid::new_v4());
+        let (socket, ends) = fake_socket();
+        close_after(ends.frames.clone(), Duration::from_secs(21));
+
+        subscription.stream(socket).await;
+
+        assert_eq!(reader.calls.load(Ordering::SeqCst), 4, "polls at 5, 10, 15 and 20 s");
+        assert_eq!(subscription.status.borrow().polls, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn safety_poll_completes_run_on_silent_socket() {
+        let (mut subscription, _, registry) = subscription_with(StateType::Completed, Duration::from_secs(5));
+        let mut waiter = registry.register(Uuid::new_v4());
+        let (socket, ends) = fake_socket();
+        close_after(ends.frames.clone(), Duration::from_secs(6));
+
+        subscription.stream(socket).await;
+
+        let completion = waiter.completion().await.expect("resolved by the safety poll");
+        assert_eq!(completion.source, CompletionSource::Poll);
+        assert_eq!(completion.state.state_type, StateType::Completed);
+        assert_eq!(subscription.status.borrow().completions_from_polls, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fallback_polls_every_interval_until_retry() {
+        let (mut subscription, reader, registry) =
+            subscription_with(StateType::Running, Duration::from_secs(30));
+        let _waiter = registry.register(Uuid::new_v4());
+        let started = Instant::now();
+
+        subscription.poll_until(Duration::from_millis(3500)).await;
+
+        assert_eq!(started.elapsed(), Duration::from_millis(3500));
+        assert_eq!(reader.calls.load(Ordering::SeqCst), 4, "polls at 0, 1, 2 and 3 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminal_event_resolves_waiter_once() {
+        let (mut subscription, reader, registry) =
+            subscription_with(StateType::Running, Duration::from_secs(30));
+        let flow_run_id = Uuid::new_v4();
+        let mut waiter = registry.register(flow_run_id);
+        let (socket, ends) = fake_socket();
+        let event_id = Uuid::new_v4();
+        ends.frames.unbounded_send(Ok(completed_event(flow_run_id, event_id))).unwrap();
+        ends.frames.unbounded_send(Ok(completed_event(flow_run_id, event_id))).unwrap();
+        ends.frames.unbounded_send(Ok(Message::Close(None))).unwrap();
+
+        subscription.stream(socket).await;
+
+        let completion = waiter.completion().await.expect("resolved by the event");
+        assert_eq!(completion.source, CompletionSource::Event);
+        let status = subscription.status.borrow().clone();
+        assert_eq!(status.events_received, 2);
+        assert_eq!(status.duplicate_events, 1);
+        assert_eq!(status.completions_from_events, 1);
+        assert_eq!(reader.calls.load(Ordering::SeqCst), 0);
+    }
+
+    fn closed(code: u16) -> StreamEnd {
+        StreamEnd::Closed { code: Some(CloseCode::from(code)), reason: String::new() }
+    }
+
+    #[test]
+    fn restart_keepalive_and_drop_reconnect() {
+        for end in [
+            closed(1012),
+            closed(1011),
+            closed(1002),
+            StreamEnd::Dropped("reset".to_owned()),
+            StreamEnd::Idle,
+        ] {
+            assert_eq!(Next::after_stream_end(&end), Next::Reconnect, "{end:?}");
+        }
+    }
+
+    #[test]
+    fn policy_close_switches_to_polling() {
+        assert_eq!(Next::after_stream_end(&closed(1008)), Next::PollAndRetrySlowly);
+    }
+
+    #[test]
+    fn shutdown_stops() {
+        assert_eq!(Next::after_stream_end(&StreamEnd::Shutdown), Next::Stop);
+    }
+
+    #[test]
+    fn refused_upgrade_switches_to_polling() {
+        for status in [401, 403, 404] {
+            assert_eq!(
+                Next::after_connect_failure(&ConnectError::Rejected(status)),
+                Next::PollAndRetrySlowly
+            );
+        }
+        assert_eq!(Next::after_connect_failure(&ConnectError::Rejected(502)), Next::Reconnect);
+        assert_eq!(Next::after_connect_failure(&ConnectError::Timeout), Next::Reconnect);
     }
 
     #[test]

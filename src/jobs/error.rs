@@ -47,11 +47,8 @@ pub enum JobError {
     /// The caller withdrew the request. The flow run was asked to cancel.
     #[error("the request was cancelled by the caller; flow run {flow_run_id} was asked to cancel")]
     Cancelled { flow_run_id: Uuid },
-    /// The service is stopping, so it stopped waiting for the run.
-    #[error(
-        "the service is shutting down and stopped waiting for flow run {flow_run_id}; the run may \
-         still finish in Prefect"
-    )]
+    /// The service is stopping, so it stopped waiting and asked the run to cancel.
+    #[error("the service is shutting down; flow run {flow_run_id} was asked to cancel. Send the job again")]
     ShuttingDown { flow_run_id: Uuid },
 }
 

@@ -59,12 +59,20 @@ impl JobRunner {
     pub fn start(config: Config) -> Result<Self, PrefectError> {
         let client = Arc::new(PrefectClient::new(&config, RetryPolicy::default())?);
         let registry = WaiterRegistry::new();
-        let subscription = Subscription::spawn(&config, Arc::clone(&client), Arc::clone(&registry));
+        let subscription = Subscription::spawn(&config, Arc::clone(&client) as _, Arc::clone(&registry));
         Ok(Self { config, client, registry, subscription })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Checks that the Prefect API responds.
+    ///
+    /// # Errors
+    /// Returns the failure of `GET /health` once retries are spent.
+    pub async fn check_health(&self) -> Result<(), PrefectError> {
+        self.client.health().await
     }
 
     /// Returns a snapshot of the subscription and the number of waiting jobs.
@@ -109,8 +117,9 @@ impl JobRunner {
         Ok(outcome)
     }
 
-    /// Stops the subscription; jobs still waiting end with [`JobError::ShuttingDown`].
-    pub async fn shutdown(self) {
+    /// Stops the subscription. Jobs still waiting cancel their flow runs and end with
+    /// [`JobError::ShuttingDown`], and later jobs end the same way once submitted.
+    pub async fn shutdown(&self) {
         self.subscription.shutdown().await;
     }
 
@@ -136,7 +145,7 @@ impl JobRunner {
             WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
             WaitEnd::DeadlinePassed => Ok(self.give_up(flow_run, request).await),
             WaitEnd::CallerCancelled => Err(self.cancel_for_caller(flow_run.id).await),
-            WaitEnd::RegistryClosed => Err(JobError::ShuttingDown { flow_run_id: flow_run.id }),
+            WaitEnd::RegistryClosed => Err(self.cancel_for_shutdown(flow_run.id).await),
         }
     }
 
@@ -286,6 +295,16 @@ impl JobRunner {
             elapsed: Duration::ZERO,
             timeout_seconds: request.timeout_seconds(),
         }
+    }
+
+    async fn cancel_for_shutdown(&self, flow_run_id: Uuid) -> JobError {
+        info!("service shutting down; cancelling the flow run");
+        if let Err(error) =
+            self.client.cancel_flow_run(flow_run_id, "the k3s-job-runner service stopped").await
+        {
+            warn!(%error, "cancelling the flow run at shutdown failed");
+        }
+        JobError::ShuttingDown { flow_run_id }
     }
 
     async fn cancel_for_caller(&self, flow_run_id: Uuid) -> JobError {

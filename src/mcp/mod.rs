@@ -3,7 +3,9 @@
 
 mod reply;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -39,13 +41,39 @@ pub struct RunPythonJobParams {
 #[derive(Clone)]
 pub struct JobServer {
     runner: Arc<JobRunner>,
+    /// Job tool calls still running, so shutdown can wait for their results.
+    in_flight: Arc<AtomicUsize>,
     tool_router: ToolRouter<Self>,
+}
+
+/// Counts one tool call as in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[tool_router]
 impl JobServer {
     pub fn new(runner: Arc<JobRunner>) -> Self {
-        Self { runner, tool_router: Self::tool_router() }
+        Self { runner, in_flight: Arc::new(AtomicUsize::new(0)), tool_router: Self::tool_router() }
+    }
+
+    /// Waits until no job tool call is running, for at most `limit`.
+    pub async fn wait_until_idle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs Python code as a Prefect flow run and returns what it printed.
@@ -63,6 +91,7 @@ impl JobServer {
         Parameters(params): Parameters<RunPythonJobParams>,
         cancel: CancellationToken,
     ) -> CallToolResult {
+        let _in_flight = InFlight::enter(&self.in_flight);
         to_call_tool_result(run_job(&self.runner, params, &cancel).await)
     }
 

@@ -171,7 +171,9 @@ impl PrefectProbe {
         let response = self.post("/flow_runs/filter", &body).await;
         assert!(response.status().is_success(), "filter returned {}", response.status());
         let runs: Vec<Value> = response.json().await.expect("flow runs JSON");
-        runs.iter().map(|run| run["id"].as_str().expect("run id").parse().expect("run id is a UUID")).collect()
+        runs.iter()
+            .map(|run| run["id"].as_str().expect("run id").parse().expect("run id is a UUID"))
+            .collect()
     }
 
     /// Waits up to `limit` for a flow run to reach a terminal state type, and returns its JSON.
