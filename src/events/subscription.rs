@@ -820,7 +820,7 @@ mod tests {
 
         assert!(matches!(end, StreamEnd::Closed { .. }), "{end:?}");
         let mut pings = 0;
-        while let Ok(Some(message)) = ends.sent.try_next() {
+        while let Ok(message) = ends.sent.try_recv() {
             pings += usize::from(matches!(message, Message::Ping(_)));
         }
         assert_eq!(pings, 2, "pings at 20 s and 40 s");
