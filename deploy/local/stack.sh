@@ -2,7 +2,7 @@
 # Start, stop and inspect a local Prefect stack for k3s-job-runner: a Prefect server backed by
 # SQLite, a `process` work pool with one worker, and the `python-runner` deployment.
 #
-# Usage: deploy/local/stack.sh up|down|status|help
+# Usage: deploy/local/stack.sh up|down|status|restart-server|help
 #
 # Settings, read from the environment:
 #   LOCAL_STACK_HOST        address the Prefect server listens on (default 127.0.0.1)
@@ -51,12 +51,15 @@ STOP_TIMEOUT=5
 
 usage() {
   cat <<EOF
-Usage: $0 up|down|status|help
+Usage: $0 up|down|status|restart-server|help
 
   up      create the virtualenv if needed, start the Prefect server and a process worker,
           create the work pool and register the deployment
   down    stop the server, the worker and the flow runs the worker started
   status  show whether the recorded processes run, the server's health and the deployment
+  restart-server
+          stop and start only the Prefect server, keeping the worker and the database, as
+          a server upgrade or crash would
 
 Settings (environment variables):
   LOCAL_STACK_HOST        address the Prefect server listens on (default 127.0.0.1)
@@ -348,6 +351,18 @@ stop_recorded() {
   rm -f "$pid_file"
 }
 
+cmd_restart_server() {
+  [[ -f "$SERVER_PID_FILE" ]] || die "no server recorded in $STATE_DIR; run \`$0 up\` first"
+  mkdir -p "$LOG_DIR"
+  exec 9>"$STATE_DIR/stack.lock"
+  flock -w 300 9 || die "timed out after 300 s waiting for another stack.sh to release" \
+    "$STATE_DIR/stack.lock"
+
+  export_prefect_env
+  stop_recorded server "$SERVER_PID_FILE"
+  start_server
+}
+
 cmd_down() {
   stop_recorded worker "$WORKER_PID_FILE"
   stop_recorded server "$SERVER_PID_FILE"
@@ -387,6 +402,7 @@ main() {
   case "${1:-help}" in
     up) cmd_up ;;
     down) cmd_down ;;
+    restart-server) cmd_restart_server ;;
     status) cmd_status ;;
     help | -h | --help) usage ;;
     *)

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -33,6 +35,8 @@ pub struct Server {
     pub client: RunningService<RoleClient, ()>,
     /// Tag given to this server's flow runs, unique per server, so tests can count them.
     pub tag: String,
+    /// Process id of the server.
+    pub pid: u32,
 }
 
 impl Server {
@@ -56,8 +60,9 @@ impl Server {
             command.envs(&environment);
         });
         let transport = TokioChildProcess::new(command).expect("the server binary starts");
+        let pid = transport.id().expect("the server has a process id");
         let client = ().serve(transport).await.expect("MCP initialization succeeds");
-        Self { client, tag }
+        Self { client, tag, pid }
     }
 
     /// Calls `run_python_job_tool` with `code` and an optional timeout.
@@ -77,6 +82,18 @@ impl Server {
         let params = CallToolRequestParams::new("runner_status");
         let result = self.client.call_tool(params).await.expect("the status tool returns a result");
         result.structured_content.expect("the status has structured content")
+    }
+
+    /// Waits up to `limit` until the status satisfies `condition`, and returns the last status.
+    pub async fn wait_for_status(&self, limit: Duration, condition: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status = self.status().await;
+            if condition(&status) || tokio::time::Instant::now() >= deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Closes the session, which ends the server process.

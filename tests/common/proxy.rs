@@ -3,7 +3,7 @@
 //! It reads the head of each connection's first HTTP request to tell websocket upgrades from
 //! REST calls, then forwards bytes both ways. Faults switch on and off while tests run: cut
 //! every connection, cut only websockets, stall websockets without closing them, refuse
-//! upgrades with an HTTP status, and answer REST calls with 503.
+//! upgrades with an HTTP status, answer REST calls with 503, and reject every connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +29,7 @@ enum Kind {
 struct Faults {
     refuse_upgrade: Option<u16>,
     rest_unavailable: bool,
+    reject_connections: bool,
 }
 
 struct Shared {
@@ -106,6 +107,15 @@ impl FaultProxy {
         }
     }
 
+    /// Closes every new connection at once, before any byte is read, while `rejected` is true,
+    /// so the server looks down. Open connections are cut when it turns on.
+    pub fn reject_connections(&self, rejected: bool) {
+        self.shared.faults.lock().expect("fault lock").reject_connections = rejected;
+        if rejected {
+            self.cut_all();
+        }
+    }
+
     /// Websocket upgrades forwarded to the server since start.
     pub fn websocket_upgrades(&self) -> u64 {
         self.shared.websocket_upgrades.load(Ordering::SeqCst)
@@ -152,6 +162,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn serve_connection(mut client: TcpStream, shared: Arc<Shared>) {
+    if shared.faults.lock().expect("fault lock").reject_connections {
+        return;
+    }
     let Some(head) = read_head(&mut client).await else { return };
     let kind = classify(&head);
     if let Some(answer) = injected_answer(kind, &shared) {

@@ -1,0 +1,226 @@
+//! Waiting that survives faults between the service and Prefect, injected by a TCP proxy in
+//! front of the real local stack.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::proxy::FaultProxy;
+use common::{api_url, PrefectProbe, Server};
+use futures::future::join_all;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Starts a proxy in front of the test stack and a server that talks to Prefect through it.
+async fn server_behind_proxy(extra: &[(&'static str, &str)]) -> (FaultProxy, Server) {
+    let proxy = FaultProxy::start(&api_url()).await;
+    let mut overrides = HashMap::from([("PREFECT_API_URL", proxy.api_url())]);
+    for (name, value) in extra {
+        overrides.insert(*name, (*value).to_owned());
+    }
+    let server = Server::start_with(overrides).await;
+    (proxy, server)
+}
+
+fn is_subscribed(status: &Value) -> bool {
+    status["subscription"]["mode"] == "subscribed"
+}
+
+/// Checks that Prefect holds exactly `expected` runs with the server's tag, each completed
+/// after a single attempt.
+async fn assert_each_run_once(server: &Server, expected: usize) {
+    let probe = PrefectProbe::new();
+    let runs = probe.run_ids_with_tag(&server.tag).await;
+    assert_eq!(runs.len(), expected, "flow runs created");
+    for flow_run_id in runs {
+        let run = probe.flow_run(flow_run_id).await;
+        assert_eq!(run["state"]["type"], "COMPLETED", "run {flow_run_id}");
+        assert_eq!(run["run_count"], 1, "run {flow_run_id}");
+    }
+}
+
+#[tokio::test]
+async fn websocket_cut_mid_job_returns_once() {
+    let (proxy, server) = server_behind_proxy(&[]).await;
+    assert!(is_subscribed(&server.wait_for_status(Duration::from_secs(10), is_subscribed).await));
+
+    let job = server.run("import time; time.sleep(30); print(\"done\")", Some(60));
+    let cut = async {
+        server.wait_for_status(Duration::from_secs(30), |status| status["waiting_runs"] == 1).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        proxy.cut_websockets();
+    };
+    let (reply, ()) = tokio::join!(job, cut);
+
+    assert!(!reply.is_error, "{}", reply.text);
+    assert_eq!(reply.stdout(), "done\n");
+    let status = server.wait_for_status(Duration::from_secs(10), is_subscribed).await;
+    assert_eq!(status["subscription"]["connections"], 2, "{status:#}");
+    assert_eq!(status["waiting_runs"], 0);
+    assert_eq!(proxy.websocket_upgrades(), 2);
+    assert_each_run_once(&server, 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn silent_socket_completes_by_safety_poll() {
+    let (proxy, server) = server_behind_proxy(&[("K3S_JOB_RUNNER_SAFETY_POLL_SECONDS", "5")]).await;
+    assert!(is_subscribed(&server.wait_for_status(Duration::from_secs(10), is_subscribed).await));
+    proxy.stall_websockets(true);
+
+    let reply = server.run("print('quiet')", Some(30)).await;
+
+    assert!(!reply.is_error, "{}", reply.text);
+    assert_eq!(reply.stdout(), "quiet\n");
+    let status = server.status().await;
+    assert_eq!(status["subscription"]["completions_from_events"], 0, "{status:#}");
+    assert_eq!(status["subscription"]["completions_from_polls"], 1, "{status:#}");
+    // Without the safety poll the job would wait for the 60 s idle timeout and a reconnect.
+    let elapsed_ms = reply.value["meta_data"]["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(elapsed_ms < 45_000, "elapsed {elapsed_ms} ms");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refused_upgrade_falls_back_to_polling() {
+    let proxy = FaultProxy::start(&api_url()).await;
+    proxy.refuse_upgrades(Some(403));
+    let server = Server::start_with(HashMap::from([("PREFECT_API_URL", proxy.api_url())])).await;
+
+    let reply = server.run("print('polled')", Some(30)).await;
+
+    assert!(!reply.is_error, "{}", reply.text);
+    assert_eq!(reply.stdout(), "polled\n");
+    let status = server.status().await;
+    assert_eq!(status["subscription"]["mode"], "polling", "{status:#}");
+    assert_eq!(status["subscription"]["connections"], 0, "{status:#}");
+    assert!(proxy.refused_upgrades() >= 1);
+    // The socket is retried slowly, not in a tight loop.
+    assert!(proxy.refused_upgrades() <= 3, "{} upgrade attempts", proxy.refused_upgrades());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rest_503_burst_is_ridden_out() {
+    let (proxy, server) = server_behind_proxy(&[]).await;
+    assert!(is_subscribed(&server.wait_for_status(Duration::from_secs(10), is_subscribed).await));
+    proxy.answer_rest_with_503(true);
+
+    let job = server.run("print('after 503')", Some(30));
+    let heal = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        proxy.answer_rest_with_503(false);
+    };
+    let (reply, ()) = tokio::join!(job, heal);
+
+    assert!(!reply.is_error, "{}", reply.text);
+    assert_eq!(reply.stdout(), "after 503\n");
+    assert!(proxy.rest_unavailable_answers() >= 2, "{} answers", proxy.rest_unavailable_answers());
+    assert_each_run_once(&server, 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn service_recovers_when_prefect_comes_up() {
+    let proxy = FaultProxy::start(&api_url()).await;
+    proxy.reject_connections(true);
+    let server = Server::start_with(HashMap::from([("PREFECT_API_URL", proxy.api_url())])).await;
+
+    let reply = server.run("print('too early')", Some(30)).await;
+    assert!(reply.is_error);
+    assert_eq!(reply.status(), "prefect_unreachable", "{}", reply.text);
+    assert_eq!(PrefectProbe::new().count_runs_with_tag(&server.tag).await, 0);
+
+    proxy.reject_connections(false);
+    let reply = server.run("print('on time')", Some(30)).await;
+    assert!(!reply.is_error, "{}", reply.text);
+    assert_eq!(reply.stdout(), "on time\n");
+    let status = server.wait_for_status(Duration::from_secs(40), is_subscribed).await;
+    assert!(is_subscribed(&status), "{status:#}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_ends_waiting_job_and_cancels_run() {
+    let server = Server::start().await;
+    let job = server.run("import time; time.sleep(60)", Some(120));
+    let stop = async {
+        server.wait_for_status(Duration::from_secs(30), |status| status["waiting_runs"] == 1).await;
+        let killed = std::process::Command::new("kill").args(["-TERM", &server.pid.to_string()]).status();
+        assert!(killed.expect("kill runs").success());
+    };
+    let (reply, ()) = tokio::join!(job, stop);
+
+    assert!(reply.is_error);
+    assert_eq!(reply.status(), "shutting_down", "{}", reply.text);
+    let flow_run_id: Uuid = reply.flow_run_id().expect("the result names the run");
+    let run = PrefectProbe::new().wait_for_terminal(flow_run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["state"]["type"], "CANCELLED", "{run:#}");
+}
+
+#[tokio::test]
+async fn prefect_restart_mid_job_returns_once() {
+    let (_proxy, server) = server_behind_proxy(&[]).await;
+    assert!(is_subscribed(&server.wait_for_status(Duration::from_secs(10), is_subscribed).await));
+
+    let job = server.run("import time; time.sleep(30); print(\"survived\")", Some(120));
+    let restart = async {
+        server.wait_for_status(Duration::from_secs(30), |status| status["waiting_runs"] == 1).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        restart_prefect_server().await;
+    };
+    let (reply, ()) = tokio::join!(job, restart);
+
+    assert!(!reply.is_error, "{}", reply.text);
+    assert_eq!(reply.stdout(), "survived\n");
+    let status = server.wait_for_status(Duration::from_secs(60), is_subscribed).await;
+    assert!(status["subscription"]["connections"].as_u64().unwrap_or(0) >= 2, "{status:#}");
+    assert_eq!(status["waiting_runs"], 0);
+    assert_each_run_once(&server, 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hundred_jobs_with_socket_cut_every_5s() {
+    const JOBS: usize = 100;
+    let (proxy, server) = server_behind_proxy(&[]).await;
+    assert!(is_subscribed(&server.wait_for_status(Duration::from_secs(10), is_subscribed).await));
+
+    let jobs = join_all((0..JOBS).map(|index| {
+        let server = &server;
+        async move { (index, server.run(&format!("print({index})"), Some(600)).await) }
+    }));
+    let cutter = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            proxy.cut_websockets();
+        }
+    };
+    let replies = tokio::select! {
+        replies = jobs => replies,
+        () = cutter => unreachable!("the cutter never ends"),
+    };
+
+    for (index, reply) in &replies {
+        assert!(!reply.is_error, "job {index}: {}", reply.text);
+        assert_eq!(reply.stdout(), format!("{index}\n"), "job {index}");
+    }
+    let status = server.status().await;
+    assert_eq!(status["waiting_runs"], 0, "{status:#}");
+    assert!(proxy.websocket_upgrades() >= 2, "the socket was cut and reopened");
+    assert_each_run_once(&server, JOBS).await;
+    server.stop().await;
+}
+
+/// Restarts only the test stack's Prefect server, with the settings `deploy/local/test.sh`
+/// exported.
+async fn restart_prefect_server() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/stack.sh");
+    let status = tokio::process::Command::new(script)
+        .arg("restart-server")
+        .status()
+        .await
+        .expect("stack.sh restart-server runs");
+    assert!(status.success(), "stack.sh restart-server failed");
+}
