@@ -53,7 +53,7 @@ struct JobArgs {
     #[arg(long)]
     file: Option<PathBuf>,
     /// Seconds the code may run (10-600 by default; the server's limits apply).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     timeout_seconds: Option<i64>,
     /// Print the whole structured result as JSON on stdout instead of the job's output.
     #[arg(long)]
@@ -211,6 +211,9 @@ fn summary_line(value: &Value) -> String {
             ", flow run {name} ({})",
             results["flow_run_id"].as_str().unwrap_or_default()
         ));
+    }
+    if results["truncated"].as_bool() == Some(true) {
+        line.push_str(", output truncated");
     }
     if let Some(elapsed) = value["meta_data"]["elapsed_ms"].as_u64() {
         line.push_str(&format!(", {elapsed} ms"));

@@ -272,7 +272,12 @@ fn check_limits(limits: &JobLimits) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid {
             name: "K3S_JOB_RUNNER_DEFAULT_TIMEOUT_SECONDS",
             value: limits.default_timeout_seconds.to_string(),
-            reason: format!("must be within {}-{}", range.start(), range.end()),
+            reason: format!(
+                "must be within K3S_JOB_RUNNER_MIN_TIMEOUT_SECONDS-K3S_JOB_RUNNER_MAX_TIMEOUT_SECONDS \
+                 ({}-{}); when the range is narrowed, set the default inside it too (its default is 120)",
+                range.start(),
+                range.end()
+            ),
         });
     }
     Ok(())

@@ -15,6 +15,7 @@
 #                           (default python-runner)
 #   LOCAL_STACK_PYTHON      interpreter that creates the virtualenv (default python3)
 #   LOCAL_STACK_DEV         1 also installs flows/requirements-dev.txt, for the tests (default 0)
+#   LOCAL_STACK_CONCURRENCY flow runs the pool runs at once; later ones wait (default 4)
 #
 # `up` is idempotent: processes whose pid files point at live processes are left running.
 # `down` stops only the process groups that `up` recorded, and the flow runs their worker
@@ -33,6 +34,7 @@ POOL="${LOCAL_STACK_POOL:-local-process}"
 DEPLOYMENT="${LOCAL_STACK_DEPLOYMENT:-python-runner}"
 PYTHON="${LOCAL_STACK_PYTHON:-python3}"
 DEV="${LOCAL_STACK_DEV:-0}"
+CONCURRENCY="${LOCAL_STACK_CONCURRENCY:-4}"
 
 FLOW_NAME="python-runner"
 API_URL="http://$HOST:$PORT/api"
@@ -71,6 +73,7 @@ Settings (environment variables):
   LOCAL_STACK_DEPLOYMENT  name of the python-runner deployment (default python-runner)
   LOCAL_STACK_PYTHON      interpreter that creates the virtualenv (default python3)
   LOCAL_STACK_DEV         1 also installs flows/requirements-dev.txt (default 0)
+  LOCAL_STACK_CONCURRENCY flow runs the pool runs at once; later ones wait (default 4)
 EOF
 }
 
@@ -89,6 +92,9 @@ export_prefect_env() {
   export PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$STATE_DIR/prefect.db"
   export PREFECT_SERVER_ANALYTICS_ENABLED=false
   export PREFECT_API_URL="$API_URL"
+  # The worker and the flow engines retry 429, 502 and 503 answers this many times (Prefect's
+  # default is 5), to ride out SQLite lock contention under bursts of runs.
+  export PREFECT_CLIENT_MAX_RETRIES=10
   # The worker starts flow runs with its own interpreter. With the virtualenv first on PATH,
   # `prefect` and `python` also resolve to the virtualenv.
   export PATH="$VENV/bin:$PATH"
@@ -226,14 +232,19 @@ wait_for_server() {
 }
 
 ensure_pool() {
-  if pool_exists; then
-    return
+  if ! pool_exists; then
+    log "creating process work pool $POOL"
+    # A pool created concurrently makes the command fail, so only a missing pool is an error.
+    if ! prefect work-pool create "$POOL" --type process >>"$LOG_DIR/setup.log" 2>&1; then
+      pool_exists || die "failed to create work pool $POOL; see $LOG_DIR/setup.log"
+    fi
   fi
-  log "creating process work pool $POOL"
-  # A pool created concurrently makes the command fail, so only a missing pool is an error.
-  if ! prefect work-pool create "$POOL" --type process >>"$LOG_DIR/setup.log" 2>&1; then
-    pool_exists || die "failed to create work pool $POOL; see $LOG_DIR/setup.log"
-  fi
+  # Runs beyond the limit wait in Scheduled until a slot frees. Without a limit, a burst of
+  # runs starts one engine process each at once and their writes overload SQLite, which
+  # answers with 503 until the worker gives up and marks runs Crashed.
+  log "limiting pool $POOL to $CONCURRENCY concurrent flow runs"
+  prefect work-pool set-concurrency-limit "$POOL" "$CONCURRENCY" >>"$LOG_DIR/setup.log" 2>&1 ||
+    die "failed to set the concurrency limit of work pool $POOL; see $LOG_DIR/setup.log"
 }
 
 register_deployment() {

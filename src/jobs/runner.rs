@@ -129,11 +129,6 @@ impl JobRunner {
         cancel: &CancellationToken,
         span: &tracing::Span,
     ) -> Result<JobOutcome, JobError> {
-        // Subscribing before the first submission means the run's terminal event cannot
-        // slip past. If the socket is slow to come up, the fallback poll covers the gap.
-        if !self.subscription.wait_until_subscribed(self.config.subscribe_wait).await {
-            debug!("events socket not subscribed yet; relying on polling for this job");
-        }
         let flow_run = self.submit(request).await?;
         span.record("flow_run_id", tracing::field::display(flow_run.id));
         info!(flow_run_name = %flow_run.name, "flow run created");
@@ -150,8 +145,15 @@ impl JobRunner {
     }
 
     async fn submit(&self, request: &JobRequest) -> Result<FlowRun, JobError> {
+        // The lookup comes first, so an unreachable Prefect or a missing deployment is
+        // reported without waiting for a socket that cannot connect.
         let deployment_id =
             self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)?;
+        // Subscribing before the first submission means the run's terminal event cannot
+        // slip past. If the socket is slow to come up, the fallback poll covers the gap.
+        if !self.subscription.wait_until_subscribed(self.config.subscribe_wait).await {
+            debug!("events socket not subscribed yet; relying on polling for this job");
+        }
         let new_run = NewFlowRun {
             parameters: json!({ "code": request.code(), "timeout_seconds": request.timeout_seconds() }),
             tags: vec![self.config.tag.clone()],

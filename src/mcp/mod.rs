@@ -9,16 +9,18 @@ use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig, Tool};
 use rmcp::{tool, tool_handler, tool_router, ServerHandler};
 use schemars::JsonSchema;
 use serde::Deserialize;
+use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 pub use reply::{JobReply, RequestFacts};
 
+use crate::config::JobLimits;
 use crate::jobs::{JobError, JobRequest, JobRunner};
 
 /// Name under which clients call the job tool.
@@ -65,7 +67,11 @@ impl Drop for InFlight {
 #[tool_router]
 impl JobServer {
     pub fn new(runner: Arc<JobRunner>) -> Self {
-        Self { runner, in_flight: Arc::new(AtomicUsize::new(0)), tool_router: Self::tool_router() }
+        let mut tool_router = Self::tool_router();
+        if let Some(route) = tool_router.map.get_mut(RUN_TOOL_NAME) {
+            describe_limits(&mut route.attr, &runner.config().limits);
+        }
+        Self { runner, in_flight: Arc::new(AtomicUsize::new(0)), tool_router }
     }
 
     /// Waits until no job tool call is running, for at most `limit`.
@@ -80,11 +86,7 @@ impl JobServer {
     #[tool(
         name = "run_python_job_tool",
         description = "Run Python 3 code as a job and return its stdout, stderr and exit code. \
-                       The code runs as a script in a fresh process with empty stdin; print \
-                       what you want to see. Code may be up to 50,000 characters; \
-                       timeout_seconds is 10-600 (default 120). Each stream keeps at most \
-                       100,000 characters. A non-zero exit code or a timeout is returned as an \
-                       error result that still carries the output."
+                       The server replaces this text with one that names its limits."
     )]
     async fn run_python_job_tool(
         &self,
@@ -137,7 +139,11 @@ pub async fn run_job(runner: &JobRunner, params: RunPythonJobParams, cancel: &Ca
     };
     let request = match JobRequest::new(params.code, params.timeout_seconds, &runner.config().limits) {
         Ok(request) => request,
-        Err(error) => return JobReply::from_invalid_request(&error, facts(params.timeout_seconds)),
+        Err(error) => {
+            let timeout_seconds =
+                params.timeout_seconds.or(Some(runner.config().limits.default_timeout_seconds as i64));
+            return JobReply::from_invalid_request(&error, facts(timeout_seconds));
+        }
     };
     let timeout_seconds = Some(request.timeout_seconds() as i64);
     match runner.run(&request, cancel).await {
@@ -150,6 +156,38 @@ pub async fn run_job(runner: &JobRunner, params: RunPythonJobParams, cancel: &Ca
     }
 }
 
+/// Writes the configured limits into the job tool's description and input schema, so clients
+/// see the limits this server enforces rather than the defaults.
+fn describe_limits(tool: &mut Tool, limits: &JobLimits) {
+    tool.description = Some(
+        format!(
+            "Run Python 3 code as a job and return its stdout, stderr and exit code. The code runs \
+             as a script in a fresh process with empty stdin; print what you want to see. Code may \
+             be up to {} characters; timeout_seconds is {}-{} (default {}). Each stream keeps at \
+             most 100,000 characters, and invalid UTF-8 becomes U+FFFD. A non-zero exit code or a \
+             timeout is returned as an error result that still carries the output.",
+            limits.max_code_chars,
+            limits.min_timeout_seconds,
+            limits.max_timeout_seconds,
+            limits.default_timeout_seconds,
+        )
+        .into(),
+    );
+    let mut schema = (*tool.input_schema).clone();
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        if let Some(Value::Object(code)) = properties.get_mut("code") {
+            code.insert("minLength".to_owned(), json!(1));
+            code.insert("maxLength".to_owned(), json!(limits.max_code_chars));
+        }
+        if let Some(Value::Object(timeout)) = properties.get_mut("timeout_seconds") {
+            timeout.insert("minimum".to_owned(), json!(limits.min_timeout_seconds));
+            timeout.insert("maximum".to_owned(), json!(limits.max_timeout_seconds));
+            timeout.insert("default".to_owned(), json!(limits.default_timeout_seconds));
+        }
+    }
+    tool.input_schema = Arc::new(schema);
+}
+
 fn to_call_tool_result(reply: JobReply) -> CallToolResult {
     let mut result = if reply.is_error {
         CallToolResult::structured_error(reply.value)
@@ -158,4 +196,33 @@ fn to_call_tool_result(reply: JobReply) -> CallToolResult {
     };
     result.content = vec![ContentBlock::text(reply.text)];
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_schema_carries_configured_limits() {
+        let router = JobServer::tool_router();
+        let mut tool = router.get(RUN_TOOL_NAME).expect("the job tool is registered").clone();
+        let limits = JobLimits {
+            max_code_chars: 100,
+            min_timeout_seconds: 5,
+            max_timeout_seconds: 30,
+            default_timeout_seconds: 20,
+        };
+
+        describe_limits(&mut tool, &limits);
+
+        let description = tool.description.as_deref().unwrap_or_default();
+        assert!(description.contains("up to 100 characters"), "{description}");
+        assert!(description.contains("5-30 (default 20)"), "{description}");
+        let properties = &tool.input_schema["properties"];
+        assert_eq!(properties["code"]["maxLength"], 100);
+        assert_eq!(properties["code"]["minLength"], 1);
+        assert_eq!(properties["timeout_seconds"]["minimum"], 5);
+        assert_eq!(properties["timeout_seconds"]["maximum"], 30);
+        assert_eq!(properties["timeout_seconds"]["default"], 20);
+    }
 }

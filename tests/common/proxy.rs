@@ -223,7 +223,9 @@ fn injected_answer(kind: Kind, shared: &Shared) -> Option<String> {
     match kind {
         Kind::Websocket => faults.refuse_upgrade.map(|status| {
             shared.refused_upgrades.fetch_add(1, Ordering::SeqCst);
-            format!("HTTP/1.1 {status} Refused by test proxy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            format!(
+                "HTTP/1.1 {status} Refused by test proxy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
         }),
         Kind::Rest if faults.rest_unavailable => {
             shared.rest_unavailable_answers.fetch_add(1, Ordering::SeqCst);
