@@ -22,7 +22,7 @@ use crate::mcp::{run_job, JobServer, RunPythonJobParams, RUN_TOOL_NAME};
 
 /// Exit code when the job ran out of time, as `timeout(1)` uses.
 const EXIT_TIMEOUT: u8 = 124;
-/// Longest wait for in-flight tool calls to send their results at shutdown.
+/// Maximum wait for in-flight tool calls to send their results at shutdown.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// Exit code when the request was invalid and nothing ran.
 const EXIT_INVALID_REQUEST: u8 = 2;
@@ -135,7 +135,7 @@ async fn serve() -> anyhow::Result<()> {
 /// the subscription retries, and jobs get a clear error until Prefect is back.
 async fn report_startup_health(runner: Arc<JobRunner>) {
     if let Err(error) = runner.check_health().await {
-        warn!(%error, "the Prefect API is unreachable at start-up; jobs fail until it answers");
+        warn!(%error, "the Prefect API is unreachable at start-up; jobs fail until it responds");
     }
 }
 

@@ -99,7 +99,7 @@ pub struct Config {
     pub subscribe_wait: Duration,
     /// Flow-run creations and cancellations sent at once
     /// (`K3S_JOB_RUNNER_MAX_CONCURRENT_WRITES`, default 4). SQLite serializes writers, so more
-    /// concurrent writes only earn more 503 answers; a Postgres-backed server can take more.
+    /// concurrent writes only earn more 503 responses; a Postgres-backed server can take more.
     pub max_concurrent_writes: usize,
 }
 

@@ -27,7 +27,7 @@ fn is_subscribed(status: &Value) -> bool {
     status["subscription"]["mode"] == "subscribed"
 }
 
-/// Checks that Prefect holds exactly `expected` runs with the server's tag, each completed
+/// Checks that Prefect contains exactly `expected` runs with the server's tag, each completed
 /// after a single attempt.
 async fn assert_each_run_once(server: &Server, expected: usize) {
     let probe = PrefectProbe::new();

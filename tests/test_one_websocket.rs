@@ -1,5 +1,5 @@
 //! Many waiting jobs share the service's one events websocket, and a burst of submissions
-//! that SQLite answers partly with 503 still gives every job its own result.
+//! that SQLite partly rejects with 503 still gives every job its own result.
 
 mod common;
 

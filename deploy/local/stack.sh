@@ -92,7 +92,7 @@ export_prefect_env() {
   export PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$STATE_DIR/prefect.db"
   export PREFECT_SERVER_ANALYTICS_ENABLED=false
   export PREFECT_API_URL="$API_URL"
-  # The worker and the flow engines retry 429, 502 and 503 answers this many times (Prefect's
+  # The worker and the flow engines retry 429, 502 and 503 responses this many times (Prefect's
   # default is 5), to ride out SQLite lock contention under bursts of runs.
   export PREFECT_CLIENT_MAX_RETRIES=10
   # The worker starts flow runs with its own interpreter. With the virtualenv first on PATH,
@@ -241,7 +241,7 @@ ensure_pool() {
   fi
   # Runs beyond the limit wait in Scheduled until a slot frees. Without a limit, a burst of
   # runs starts one engine process each at once and their writes overload SQLite, which
-  # answers with 503 until the worker gives up and marks runs Crashed.
+  # returns 503 until the worker gives up and marks runs Crashed.
   log "limiting pool $POOL to $CONCURRENCY concurrent flow runs"
   prefect work-pool set-concurrency-limit "$POOL" "$CONCURRENCY" >>"$LOG_DIR/setup.log" 2>&1 ||
     die "failed to set the concurrency limit of work pool $POOL; see $LOG_DIR/setup.log"

@@ -188,7 +188,7 @@ pub struct Subscription {
     failures_in_a_row: u32,
 }
 
-/// What the subscription does next, decided from how the last attempt ended. Pacing (how
+/// Next step of the subscription, decided from how the last attempt ended. Pacing (how
 /// long to wait) is applied separately by [`Subscription::pace`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -315,7 +315,7 @@ impl Subscription {
     }
 
     /// Connects, streams until the socket ends, and returns how long to wait before the next
-    /// attempt. The mode on return says whether to back off or stay in polling mode.
+    /// attempt. The mode on return tells whether to back off or stay in polling mode.
     async fn connect_and_stream(&mut self) -> Duration {
         self.set_mode(Mode::Connecting);
         let connected = tokio::select! {
@@ -578,7 +578,7 @@ impl Subscription {
     }
 }
 
-/// Reads frames until a text frame, answering pings on the way.
+/// Reads frames until a text frame. Pongs to pings are queued by tungstenite on the way.
 async fn next_text(socket: &mut Socket) -> Result<String, ConnectError> {
     loop {
         match socket.next().await {

@@ -17,7 +17,7 @@ pub enum JobError {
         #[source]
         source: PrefectError,
     },
-    /// Prefect kept answering that it is overloaded (429, 502, 503, 504) for the whole retry
+    /// Prefect kept responding that it is overloaded (429, 502, 503, 504) for the whole retry
     /// budget.
     #[error("the Prefect API stayed overloaded for a minute of retries: {source}. Try again later")]
     PrefectOverloaded {
@@ -53,7 +53,7 @@ pub enum JobError {
 }
 
 impl JobError {
-    /// The flow run the error is about, when one was created.
+    /// Returns the flow run the error is about, when one was created.
     pub fn flow_run_id(&self) -> Option<Uuid> {
         match self {
             Self::ResultUnreadable { flow_run_id, .. }

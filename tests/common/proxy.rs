@@ -72,7 +72,7 @@ impl FaultProxy {
         Self { address, shared, accept_task }
     }
 
-    /// The API URL to give the service: the proxy's address with the `/api` path.
+    /// Returns the API URL to give the service: the proxy's address with the `/api` path.
     pub fn api_url(&self) -> String {
         format!("http://{}/api", self.address)
     }
@@ -92,13 +92,13 @@ impl FaultProxy {
         self.shared.websocket_stall.send_replace(stalled);
     }
 
-    /// Answers websocket upgrades with `status` (such as 403 or 404) instead of forwarding
+    /// Responds to websocket upgrades with `status` (such as 403 or 404) instead of forwarding
     /// them, or forwards them again when `None`.
     pub fn refuse_upgrades(&self, status: Option<u16>) {
         self.shared.faults.lock().expect("fault lock").refuse_upgrade = status;
     }
 
-    /// Answers REST calls with 503 while `unavailable` is true. Open REST connections are
+    /// Responds to REST calls with 503 while `unavailable` is true. Open REST connections are
     /// cut when it turns on, so pooled keep-alive connections cannot bypass it.
     pub fn answer_rest_with_503(&self, unavailable: bool) {
         self.shared.faults.lock().expect("fault lock").rest_unavailable = unavailable;
@@ -116,22 +116,22 @@ impl FaultProxy {
         }
     }
 
-    /// Websocket upgrades forwarded to the server since start.
+    /// Returns the number of websocket upgrades forwarded to the server since start.
     pub fn websocket_upgrades(&self) -> u64 {
         self.shared.websocket_upgrades.load(Ordering::SeqCst)
     }
 
-    /// Upgrades answered with the refusal status since start.
+    /// Returns the number of upgrades refused with the injected status since start.
     pub fn refused_upgrades(&self) -> u64 {
         self.shared.refused_upgrades.load(Ordering::SeqCst)
     }
 
-    /// REST calls answered with 503 since start.
+    /// Returns the number of REST calls that got the injected 503 since start.
     pub fn rest_unavailable_answers(&self) -> u64 {
         self.shared.rest_unavailable_answers.load(Ordering::SeqCst)
     }
 
-    /// Open websocket connections.
+    /// Returns the number of open websocket connections.
     pub fn open_websockets(&self) -> usize {
         let connections = self.shared.connections.lock().expect("connection lock");
         connections.values().filter(|(kind, _)| *kind == Kind::Websocket).count()
