@@ -76,6 +76,7 @@ async fn silent_socket_completes_by_safety_poll() {
     let status = server.status().await;
     assert_eq!(status["subscription"]["completions_from_events"], 0, "{status:#}");
     assert_eq!(status["subscription"]["completions_from_polls"], 1, "{status:#}");
+    assert_eq!(status["waiting_runs"], 0, "{status:#}");
     // Without the safety poll the job would wait for the 60 s idle timeout and a reconnect.
     let elapsed_ms = reply.value["meta_data"]["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
     assert!(elapsed_ms < 45_000, "elapsed {elapsed_ms} ms");
@@ -95,6 +96,7 @@ async fn refused_upgrade_falls_back_to_polling() {
     let status = server.status().await;
     assert_eq!(status["subscription"]["mode"], "polling", "{status:#}");
     assert_eq!(status["subscription"]["connections"], 0, "{status:#}");
+    assert_eq!(status["waiting_runs"], 0, "{status:#}");
     assert!(proxy.refused_upgrades() >= 1);
     // The socket is retried slowly, not in a tight loop.
     assert!(proxy.refused_upgrades() <= 3, "{} upgrade attempts", proxy.refused_upgrades());
@@ -116,7 +118,8 @@ async fn rest_503_burst_is_ridden_out() {
 
     assert!(!reply.is_error, "{}", reply.text);
     assert_eq!(reply.stdout(), "after 503\n");
-    assert!(proxy.rest_unavailable_answers() >= 2, "{} answers", proxy.rest_unavailable_answers());
+    assert!(proxy.rest_unavailable_answers() >= 2, "{} injected 503s", proxy.rest_unavailable_answers());
+    assert_eq!(server.status().await["waiting_runs"], 0);
     assert_each_run_once(&server, 1).await;
     server.stop().await;
 }

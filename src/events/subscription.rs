@@ -891,6 +891,42 @@ mod tests {
         assert_eq!(reader.calls.load(Ordering::SeqCst), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn failed_connections_back_off_up_to_cap() {
+        let (mut subscription, reader, registry) = subscription_with(StateType::Running, Duration::from_secs(30));
+        let _waiter = registry.register(Uuid::new_v4());
+        let mut ceiling = Config::default().reconnect_initial;
+        let cap = Config::default().reconnect_max;
+
+        for _ in 0..12 {
+            let delay = subscription.on_connect_failed(&ConnectError::Timeout);
+            assert!(delay <= ceiling, "{delay:?} above {ceiling:?}");
+            assert!(delay >= ceiling / 2, "{delay:?} below half of {ceiling:?}");
+            assert_eq!(subscription.status.borrow().mode, Mode::BackingOff);
+            // While backing off, waiting runs are polled once per fallback interval.
+            let calls_before = reader.calls.load(Ordering::SeqCst);
+            let started = Instant::now();
+            subscription.poll_until(delay).await;
+            // Tokio's timer rounds each sleep up to the next millisecond.
+            assert!(started.elapsed() >= delay, "{:?} < {delay:?}", started.elapsed());
+            assert!(started.elapsed() < delay + Duration::from_millis(5), "{:?}", started.elapsed());
+            let expected_polls = delay.as_nanos().div_ceil(1_000_000_000) as usize;
+            assert_eq!(reader.calls.load(Ordering::SeqCst) - calls_before, expected_polls.max(1));
+            ceiling = (ceiling * 2).min(cap);
+        }
+        assert_eq!(ceiling, cap);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_upgrade_retries_at_slow_pace() {
+        let (mut subscription, _, _) = subscription_with(StateType::Running, Duration::from_secs(30));
+
+        let delay = subscription.on_connect_failed(&ConnectError::Rejected(404));
+
+        assert_eq!(delay, Config::default().reconnect_max);
+        assert_eq!(subscription.status.borrow().mode, Mode::Polling);
+    }
+
     fn closed(code: u16) -> StreamEnd {
         StreamEnd::Closed { code: Some(CloseCode::from(code)), reason: String::new() }
     }
