@@ -31,6 +31,8 @@ venv="${LOCAL_STACK_VENV:-$repo/.venv}"
 echo "==> Rust unit and integration tests"
 export K3S_JOB_RUNNER_TEST_API_URL="http://$LOCAL_STACK_HOST:$LOCAL_STACK_PORT/api"
 export RUST_LOG="${RUST_LOG:-warn}"
-cargo test --manifest-path "$repo/Cargo.toml" --all-targets
+# One test at a time: the tests share one worker whose pool runs four flows at once, and the
+# fault tests restart the Prefect server, so parallel tests would delay or break each other.
+cargo test --manifest-path "$repo/Cargo.toml" --all-targets -- --test-threads 1
 
 echo "==> all tests passed"
