@@ -76,10 +76,10 @@ pub struct Config {
     /// Request limits (`K3S_JOB_RUNNER_MAX_CODE_CHARS`, `K3S_JOB_RUNNER_MIN_TIMEOUT_SECONDS`,
     /// `K3S_JOB_RUNNER_MAX_TIMEOUT_SECONDS`, `K3S_JOB_RUNNER_DEFAULT_TIMEOUT_SECONDS`).
     pub limits: JobLimits,
-    /// Time added to a job's own timeout before the service gives up on the flow run and
-    /// cancels it. It covers worker pick-up and process start, about 3 s on the local stack,
-    /// and pod scheduling and image pull on Kubernetes (`K3S_JOB_RUNNER_STARTUP_ALLOWANCE_SECONDS`,
-    /// default 60).
+    /// Time a flow run may take to start before the service cancels it. It covers waiting
+    /// behind other runs in a pool with a concurrency limit, worker pick-up and process start
+    /// (about 3 s on an idle local stack), and pod scheduling and image pull on Kubernetes
+    /// (`K3S_JOB_RUNNER_STARTUP_ALLOWANCE_SECONDS`, default 300).
     pub startup_allowance: Duration,
     /// Timeout of one REST request (`K3S_JOB_RUNNER_REQUEST_TIMEOUT_SECONDS`, default 30).
     pub request_timeout: Duration,
@@ -111,7 +111,7 @@ impl Default for Config {
             deployment: "python-runner/python-runner".to_owned(),
             tag: "k3s-job-runner".to_owned(),
             limits: JobLimits::default(),
-            startup_allowance: Duration::from_secs(60),
+            startup_allowance: Duration::from_secs(300),
             request_timeout: Duration::from_secs(30),
             fallback_poll_interval: Duration::from_millis(1000),
             safety_poll_interval: Duration::from_secs(30),

@@ -739,7 +739,7 @@ mod tests {
     fn flow_run(id: Uuid, state_type: StateType) -> FlowRun {
         let name = format!("{state_type:?}");
         let state = State { state_type, name, message: None, timestamp: None };
-        FlowRun { id, name: "test-run".to_owned(), state: Some(state) }
+        FlowRun { id, name: "test-run".to_owned(), state: Some(state), start_time: None }
     }
 
     fn subscription_with(
@@ -893,7 +893,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_connections_back_off_up_to_cap() {
-        let (mut subscription, reader, registry) = subscription_with(StateType::Running, Duration::from_secs(30));
+        let (mut subscription, reader, registry) =
+            subscription_with(StateType::Running, Duration::from_secs(30));
         let _waiter = registry.register(Uuid::new_v4());
         let mut ceiling = Config::default().reconnect_initial;
         let cap = Config::default().reconnect_max;

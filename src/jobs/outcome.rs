@@ -15,6 +15,8 @@ pub enum JobStatus {
     Completed,
     /// The code ran and exited with a non-zero code or was killed by a signal.
     Error,
+    /// The code exceeded its memory limit and was stopped.
+    MemoryLimit,
     /// The code ran past its timeout and was killed, or the run did not finish within the
     /// timeout plus the start-up allowance and was cancelled.
     Timeout,
@@ -31,6 +33,7 @@ impl JobStatus {
         match self {
             Self::Completed => "completed",
             Self::Error => "error",
+            Self::MemoryLimit => "memory_limit",
             Self::Timeout => "timeout",
             Self::Cancelled => "cancelled",
             Self::Failed => "failed",
@@ -118,6 +121,12 @@ fn classify(state: &State, output: Option<&RunOutput>, timeout_seconds: u64) -> 
 }
 
 fn classify_exit(output: &RunOutput, timeout_seconds: u64) -> (JobStatus, Option<String>) {
+    if output.memory_limit_exceeded {
+        let limit = output.memory_limit_mib().map_or_else(String::new, |mib| format!(" of {mib} MiB"));
+        let code = output.exit_code;
+        let message = format!("the code exceeded its memory limit{limit} and ended with exit code {code}");
+        return (JobStatus::MemoryLimit, Some(message));
+    }
     if output.timed_out {
         let message = format!("the code ran longer than its timeout of {timeout_seconds} s and was killed");
         return (JobStatus::Timeout, Some(message));
@@ -175,6 +184,9 @@ mod tests {
             stderr_truncated: false,
             duration_ms: 5,
             timed_out,
+            memory_limit_exceeded: false,
+            sandbox: Some("bubblewrap".to_owned()),
+            limits: None,
         }
     }
 
@@ -211,6 +223,20 @@ mod tests {
         assert_eq!(outcome.status, JobStatus::Timeout);
         assert!(outcome.message.as_deref().unwrap_or_default().contains("timeout of 30 s"));
         assert_eq!(outcome.stdout(), "out");
+    }
+
+    #[test]
+    fn memory_limit_is_its_own_status() {
+        let mut run_output = output(1, false);
+        run_output.memory_limit_exceeded = true;
+        run_output.limits = Some(serde_json::json!({"memory_mib": 256}));
+        let outcome = outcome(state(StateType::Completed, "Completed", None), Some(run_output));
+        assert_eq!(outcome.status, JobStatus::MemoryLimit);
+        assert_eq!(outcome.exit_code(), Some(1));
+        assert_eq!(
+            outcome.message.as_deref(),
+            Some("the code exceeded its memory limit of 256 MiB and ended with exit code 1")
+        );
     }
 
     #[test]

@@ -23,6 +23,12 @@ use crate::waiters::{CompletionSource, Waiter, WaiterRegistry};
 const CONFIRM_ATTEMPTS: u32 = 12;
 /// Reads of the result artifact of a completed run before reporting it missing.
 const ARTIFACT_ATTEMPTS: u32 = 5;
+/// Time a started run has beyond its timeout before the service cancels it. The flow kills
+/// the code at the timeout itself, then needs a kill grace period and a few REST calls to
+/// store the result.
+const RUN_GRACE: Duration = Duration::from_secs(30);
+/// Delay before the next deadline check when the run could not be read.
+const DEADLINE_RECHECK: Duration = Duration::from_secs(10);
 
 /// The service's job machinery: REST client, waiter registry and the one subscription task.
 pub struct JobRunner {
@@ -44,10 +50,23 @@ pub struct RunnerStatus {
 
 /// Ending of a wait for a terminal state.
 enum WaitEnd {
-    Finished { state: State, source: CompletionSource },
-    DeadlinePassed,
+    Finished {
+        state: State,
+        source: CompletionSource,
+    },
+    /// The run did not start in time, or ran past its timeout; the reason says which.
+    DeadlinePassed {
+        reason: String,
+    },
     CallerCancelled,
     RegistryClosed,
+}
+
+/// Result of checking a run whose deadline came.
+enum DeadlineCheck {
+    Finished(State),
+    Extended(Instant),
+    Expired(String),
 }
 
 impl JobRunner {
@@ -134,11 +153,9 @@ impl JobRunner {
         info!(flow_run_name = %flow_run.name, "flow run created");
 
         let mut waiter = self.registry.register(flow_run.id);
-        let deadline =
-            Instant::now() + Duration::from_secs(request.timeout_seconds()) + self.config.startup_allowance;
-        match self.wait_for_terminal(&mut waiter, deadline, cancel).await {
+        match self.wait_for_terminal(&mut waiter, request, cancel).await {
             WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
-            WaitEnd::DeadlinePassed => Ok(self.give_up(flow_run, request).await),
+            WaitEnd::DeadlinePassed { reason } => Ok(self.give_up(flow_run, request, &reason).await),
             WaitEnd::CallerCancelled => Err(self.cancel_for_caller(flow_run.id).await),
             WaitEnd::RegistryClosed => Err(self.cancel_for_shutdown(flow_run.id).await),
         }
@@ -173,10 +190,13 @@ impl JobRunner {
         }
     }
 
+    /// Waits for the run's terminal state. The deadline has two phases: the run must start
+    /// within the start-up allowance, then end within its timeout plus [`RUN_GRACE`] from its
+    /// start, so time spent queued behind other runs does not eat into the code's own time.
     async fn wait_for_terminal(
         &self,
         waiter: &mut Waiter,
-        deadline: Instant,
+        request: &JobRequest,
         cancel: &CancellationToken,
     ) -> WaitEnd {
         // A run can finish between its creation and the waiter's registration, and its event
@@ -184,13 +204,52 @@ impl JobRunner {
         if let Some(state) = self.read_terminal_state(waiter.flow_run_id()).await {
             return WaitEnd::Finished { state, source: CompletionSource::Poll };
         }
-        tokio::select! {
-            completion = waiter.completion() => match completion {
-                Ok(completion) => WaitEnd::Finished { state: completion.state, source: completion.source },
-                Err(_) => WaitEnd::RegistryClosed,
-            },
-            () = sleep_until(deadline) => WaitEnd::DeadlinePassed,
-            () = cancel.cancelled() => WaitEnd::CallerCancelled,
+        let mut deadline = Instant::now() + self.config.startup_allowance;
+        loop {
+            tokio::select! {
+                completion = waiter.completion() => return match completion {
+                    Ok(completion) => WaitEnd::Finished { state: completion.state, source: completion.source },
+                    Err(_) => WaitEnd::RegistryClosed,
+                },
+                () = sleep_until(deadline) => {}
+                () = cancel.cancelled() => return WaitEnd::CallerCancelled,
+            }
+            match self.check_deadline(waiter.flow_run_id(), request).await {
+                DeadlineCheck::Finished(state) => {
+                    return WaitEnd::Finished { state, source: CompletionSource::Poll }
+                }
+                DeadlineCheck::Extended(next) => deadline = next,
+                DeadlineCheck::Expired(reason) => return WaitEnd::DeadlinePassed { reason },
+            }
+        }
+    }
+
+    async fn check_deadline(&self, flow_run_id: Uuid, request: &JobRequest) -> DeadlineCheck {
+        let flow_run = match self.client.read_flow_run(flow_run_id).await {
+            Ok(flow_run) => flow_run,
+            Err(error) => {
+                warn!(%error, "reading the flow run at its deadline failed; checking again later");
+                return DeadlineCheck::Extended(Instant::now() + DEADLINE_RECHECK);
+            }
+        };
+        if let Some(state) = flow_run.terminal_state() {
+            return DeadlineCheck::Finished(state.clone());
+        }
+        let Some(start_time) = flow_run.start_time else {
+            let allowance = self.config.startup_allowance.as_secs();
+            return DeadlineCheck::Expired(format!(
+                "did not start within the start-up allowance of {allowance} s"
+            ));
+        };
+        let run_limit = Duration::from_secs(request.timeout_seconds()) + RUN_GRACE;
+        let ran_for = (chrono::Utc::now() - start_time).to_std().unwrap_or_default();
+        match run_limit.checked_sub(ran_for) {
+            Some(left) if !left.is_zero() => DeadlineCheck::Extended(Instant::now() + left),
+            _ => DeadlineCheck::Expired(format!(
+                "ran longer than its timeout of {} s plus {} s for the runner to stop it",
+                request.timeout_seconds(),
+                RUN_GRACE.as_secs()
+            )),
         }
     }
 
@@ -273,16 +332,10 @@ impl JobRunner {
         }
     }
 
-    /// Cancels a run that did not finish within its timeout plus the start-up allowance.
-    async fn give_up(&self, flow_run: FlowRun, request: &JobRequest) -> JobOutcome {
-        let allowance = self.config.startup_allowance.as_secs();
-        let message = format!(
-            "the job did not finish within its timeout of {} s plus the start-up allowance of {allowance} s; \
-             flow run {} ({}) was cancelled",
-            request.timeout_seconds(),
-            flow_run.name,
-            flow_run.id,
-        );
+    /// Cancels a run that did not start in time or ran past its timeout.
+    async fn give_up(&self, flow_run: FlowRun, request: &JobRequest, reason: &str) -> JobOutcome {
+        let message =
+            format!("the flow run {reason}; flow run {} ({}) was cancelled", flow_run.name, flow_run.id);
         warn!(reason = %message, "job timed out");
         if let Err(error) = self.client.cancel_flow_run(flow_run.id, "timed out waiting for a result").await {
             warn!(%error, "cancelling the timed-out flow run failed");

@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::jobs::{InvalidRequest, JobError, JobOutcome};
+use crate::prefect::RunOutput;
 
 /// A tool result before it becomes an MCP `CallToolResult`.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,8 @@ impl JobReply {
                 "state": outcome.state_name(),
                 "truncated": outcome.truncated(),
                 "status": outcome.status.as_str(),
+                "sandbox": outcome.output.as_ref().and_then(|output| output.sandbox.clone()),
+                "limits": outcome.output.as_ref().and_then(|output| output.limits.clone()),
             },
             "meta_data": meta_data(is_error, facts, Some(&flow_run_id)),
         });
@@ -79,6 +82,8 @@ impl JobReply {
                 "state": null,
                 "truncated": false,
                 "status": status,
+                "sandbox": null,
+                "limits": null,
             },
             "meta_data": meta_data(true, facts, flow_run_id),
         });
@@ -110,6 +115,11 @@ fn outcome_text(outcome: &JobOutcome) -> String {
     }
     if outcome.truncated() {
         text.push_str("output was truncated at the output limit\n");
+    }
+    if outcome.output.as_ref().is_some_and(RunOutput::ran_unsandboxed) {
+        text.push_str(
+            "warning: the code ran without a sandbox, because the runner's sandbox is turned off\n",
+        );
     }
     text.push_str("--- stdout ---\n");
     text.push_str(outcome.stdout());
@@ -149,6 +159,9 @@ mod tests {
             stderr_truncated: true,
             duration_ms: 20,
             timed_out: false,
+            memory_limit_exceeded: false,
+            sandbox: Some("none".to_owned()),
+            limits: None,
         };
         let mut outcome =
             JobOutcome::finished(Uuid::nil(), "brave-otter".to_owned(), state, Some(output), 120);
@@ -169,6 +182,8 @@ mod tests {
         assert_eq!(results["state"], "Completed");
         assert_eq!(results["truncated"], true);
         assert_eq!(results["status"], "completed");
+        assert_eq!(results["sandbox"], "none");
+        assert!(reply.text.contains("without a sandbox"), "{}", reply.text);
         assert_eq!(results["flow_run_id"], Uuid::nil().to_string());
         let meta = &reply.value["meta_data"];
         assert_eq!(meta["is_error"], false);

@@ -66,6 +66,9 @@ pub struct FlowRun {
     pub name: String,
     #[serde(default)]
     pub state: Option<State>,
+    /// When the run entered RUNNING; absent while it waits to start.
+    #[serde(default)]
+    pub start_time: Option<DateTime<Utc>>,
 }
 
 impl FlowRun {
@@ -94,12 +97,33 @@ pub struct RunOutput {
     pub stderr_truncated: bool,
     pub duration_ms: u64,
     pub timed_out: bool,
+    /// True when the code hit its memory limit, whether the kernel killed it or Python raised
+    /// `MemoryError`. Absent from results of flows that enforce no memory limit.
+    #[serde(default)]
+    pub memory_limit_exceeded: bool,
+    /// Sandbox the code ran in: `bubblewrap`, or `none` when the sandbox was turned off.
+    /// Absent from results of flows without a sandbox.
+    #[serde(default)]
+    pub sandbox: Option<String>,
+    /// Limits applied to the code, as the flow reports them (for example `memory_mib`).
+    #[serde(default)]
+    pub limits: Option<serde_json::Value>,
 }
 
 impl RunOutput {
     /// Returns true when either stream was cut at the output limit.
     pub fn truncated(&self) -> bool {
         self.stdout_truncated || self.stderr_truncated
+    }
+
+    /// Returns the memory limit the flow applied, in MiB, when it reported one.
+    pub fn memory_limit_mib(&self) -> Option<u64> {
+        self.limits.as_ref()?.get("memory_mib")?.as_u64()
+    }
+
+    /// Returns true when the flow reports that the code ran without a sandbox.
+    pub fn ran_unsandboxed(&self) -> bool {
+        self.sandbox.as_deref() == Some("none")
     }
 }
 
