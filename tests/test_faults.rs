@@ -127,7 +127,7 @@ async fn rest_503_burst_is_ridden_out() {
 #[tokio::test]
 async fn service_recovers_when_prefect_comes_up() {
     let proxy = FaultProxy::start(&api_url()).await;
-    proxy.reject_connections(true);
+    proxy.refuse_connections(true).await;
     let server = Server::start_with(HashMap::from([("PREFECT_API_URL", proxy.api_url())])).await;
 
     let reply = server.run("print('too early')", Some(30)).await;
@@ -135,7 +135,7 @@ async fn service_recovers_when_prefect_comes_up() {
     assert_eq!(reply.status(), "prefect_unreachable", "{}", reply.text);
     assert_eq!(PrefectProbe::new().count_runs_with_tag(&server.tag).await, 0);
 
-    proxy.reject_connections(false);
+    proxy.refuse_connections(false).await;
     let reply = server.run("print('on time')", Some(30)).await;
     assert!(!reply.is_error, "{}", reply.text);
     assert_eq!(reply.stdout(), "on time\n");

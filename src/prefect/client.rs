@@ -26,9 +26,10 @@ const FILTER_PAGE_SIZE: usize = 200;
 /// (429, 502, 503, 504).
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Attempts in all, the first included, while the API gives no response.
+    /// Attempts in all, the first included, while connections to the API are refused.
     pub max_attempts: u32,
-    /// Time spent retrying while the API responds but is overloaded. With SQLite, Prefect
+    /// Time spent retrying while the API is overloaded: it resets connections, times out or
+    /// responds 429, 502, 503 or 504. With SQLite, Prefect
     /// returns 503 ("database is locked") for concurrent writes for as long as a burst lasts.
     pub overload_budget: Duration,
     /// First delay; delays double, with jitter, up to `max_delay`.
@@ -50,8 +51,11 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// A refused connection means no server listens, so it gets `max_attempts` and is
+    /// reported within seconds. A live server that resets connections, times out or answers
+    /// "overloaded" is usually shedding load, so it gets the whole overload budget.
     fn allows_retry(&self, error: &PrefectError, attempt: u32, elapsed: Duration) -> bool {
-        if error.is_unreachable() {
+        if error.is_refused() {
             attempt < self.max_attempts
         } else {
             error.is_transient() && elapsed < self.overload_budget
@@ -366,12 +370,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_api_is_retried_max_attempts() {
+    async fn refused_connection_is_retried_max_attempts() {
         let policy = RetryPolicy::default();
         let source = reqwest::Client::new().get("http://127.0.0.1:9/").send().await.unwrap_err();
-        let unreachable = PrefectError::unreachable("http://127.0.0.1:9/api", source, Duration::from_secs(1));
-        assert!(policy.allows_retry(&unreachable, 7, Duration::ZERO));
-        assert!(!policy.allows_retry(&unreachable, 8, Duration::ZERO));
+        let refused = PrefectError::unreachable("http://127.0.0.1:9/api", source, Duration::from_secs(1));
+        assert!(refused.is_refused());
+        assert!(policy.allows_retry(&refused, 7, Duration::ZERO));
+        assert!(!policy.allows_retry(&refused, 8, Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn dropped_connection_gets_overload_budget() {
+        // A listener that accepts and closes at once, as an overloaded server can.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let source = reqwest::Client::new().get(format!("http://{address}/")).send().await.unwrap_err();
+        let dropped =
+            PrefectError::unreachable(&format!("http://{address}/api"), source, Duration::from_secs(1));
+        let policy = RetryPolicy::default();
+        assert!(!dropped.is_refused());
+        assert!(policy.allows_retry(&dropped, 20, Duration::from_secs(59)));
+        assert!(!policy.allows_retry(&dropped, 20, Duration::from_secs(60)));
     }
 
     #[test]

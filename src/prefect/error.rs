@@ -11,6 +11,8 @@ pub enum PrefectError {
     Unreachable {
         url: String,
         reason: String,
+        /// True when the connection was refused, so nothing listens at the address.
+        refused: bool,
         #[source]
         source: reqwest::Error,
     },
@@ -50,14 +52,33 @@ impl PrefectError {
         matches!(self, Self::Unreachable { .. })
     }
 
+    /// Returns true when the connection was refused: no server listens at the address.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Unreachable { refused: true, .. })
+    }
+
     pub(crate) fn unreachable(url: &str, source: reqwest::Error, timeout: Duration) -> Self {
         let reason = if source.is_timeout() {
             format!("no response within {} s", timeout.as_secs())
         } else {
             innermost_message(&source)
         };
-        Self::Unreachable { url: url.to_owned(), reason, source }
+        let refused = is_connection_refused(&source);
+        Self::Unreachable { url: url.to_owned(), reason, refused, source }
     }
+}
+
+fn is_connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io_error) = error.downcast_ref::<std::io::Error>() {
+            if io_error.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// The deepest cause's message, which for a refused connection is the useful one

@@ -3,7 +3,7 @@
 //! It reads the head of each connection's first HTTP request to tell websocket upgrades from
 //! REST calls, then forwards bytes both ways. Faults switch on and off while tests run: cut
 //! every connection, cut only websockets, stall websockets without closing them, refuse
-//! upgrades with an HTTP status, answer REST calls with 503, and reject every connection.
+//! upgrades with an HTTP status, answer REST calls with 503, and refuse every connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +29,6 @@ enum Kind {
 struct Faults {
     refuse_upgrade: Option<u16>,
     rest_unavailable: bool,
-    reject_connections: bool,
 }
 
 struct Shared {
@@ -47,7 +46,8 @@ struct Shared {
 pub struct FaultProxy {
     address: SocketAddr,
     shared: Arc<Shared>,
-    accept_task: JoinHandle<()>,
+    /// The task accepting connections; `None` while connections are refused.
+    accept_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl FaultProxy {
@@ -69,7 +69,7 @@ impl FaultProxy {
             rest_unavailable_answers: AtomicU64::new(0),
         });
         let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
-        Self { address, shared, accept_task }
+        Self { address, shared, accept_task: Mutex::new(Some(accept_task)) }
     }
 
     /// Returns the API URL to give the service: the proxy's address with the `/api` path.
@@ -107,13 +107,20 @@ impl FaultProxy {
         }
     }
 
-    /// Closes every new connection at once, before any byte is read, while `rejected` is true,
-    /// so the server looks down. Open connections are cut when it turns on.
-    pub fn reject_connections(&self, rejected: bool) {
-        self.shared.faults.lock().expect("fault lock").reject_connections = rejected;
-        if rejected {
+    /// Stops listening, so connections are refused as if the server were down, and cuts the
+    /// open ones. Listening starts again on the same port when `refused` is false.
+    pub async fn refuse_connections(&self, refused: bool) {
+        if refused {
+            if let Some(task) = self.accept_task.lock().expect("accept task lock").take() {
+                task.abort();
+                let _ = task.await;
+            }
             self.cut_all();
+            return;
         }
+        let listener = TcpListener::bind(self.address).await.expect("bind the proxy's port again");
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&self.shared)));
+        *self.accept_task.lock().expect("accept task lock") = Some(task);
     }
 
     /// Returns the number of websocket upgrades forwarded to the server since start.
@@ -149,7 +156,9 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.accept_task.abort();
+        if let Some(task) = self.accept_task.lock().expect("accept task lock").take() {
+            task.abort();
+        }
         self.cut_all();
     }
 }
@@ -162,9 +171,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn serve_connection(mut client: TcpStream, shared: Arc<Shared>) {
-    if shared.faults.lock().expect("fault lock").reject_connections {
-        return;
-    }
     let Some(head) = read_head(&mut client).await else { return };
     let kind = classify(&head);
     if let Some(answer) = injected_answer(kind, &shared) {
