@@ -7,7 +7,7 @@ What the flow guarantees:
   process. The worker's virtualenv and its packages are not visible to the code.
 - By default the child runs inside a bubblewrap sandbox (see `runner_sandbox`): no network,
   its own PID namespace and /proc, a read-only view of the system folders, and a private,
-  size-limited /tmp that is its working directory, HOME and TMPDIR and holds the code as
+  size-limited /tmp that is its working directory, HOME and TMPDIR and contains the code as
   `/tmp/main.py`. When bubblewrap is missing or cannot create the sandbox, the runner raises
   RunnerError and the code does not run. Only `PYTHON_RUNNER_SANDBOX=none` runs the code
   without a sandbox, in a fresh temporary folder on the host, and the result then says
@@ -37,24 +37,30 @@ What the flow guarantees:
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from runner_process import (
+    OutputCapture,
+    StatusPipe,
+    join_readers,
+    kill_group_on_default_sigterm,
+    signal_group,
+    start_reader,
+    wait_or_stop,
+)
 from runner_sandbox import (
     BUBBLEWRAP,
     NO_SANDBOX,
@@ -97,16 +103,11 @@ DEFAULT_TMP_MIB = 64
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 SCRIPT_NAME = "main.py"
 ENTRY_SOURCE = Path(__file__).with_name("sandbox_entry.py")
-READ_CHUNK_BYTES = 64 * 1024
-# Most bytes read from the status pipe: the entry writes a few short lines.
-MAX_STATUS_BYTES = 64 * 1024
 # How long to wait for the reader threads after the child was killed. Without the sandbox, a
 # process that left the group (for example with setsid) can keep a pipe open for longer.
 READER_JOIN_SECONDS = 2.0
 # How long to wait for the sandbox's init to exit after bubblewrap, before leaving it.
 INIT_REAP_SECONDS = 5.0
-# Maximum sleep between checks while waiting for the child to exit.
-MAX_POLL_INTERVAL_SECONDS = 0.05
 # bubblewrap exits with 128 + N when the code's main process is killed by signal N.
 SIGNAL_EXIT_BASE = 128
 MAX_SIGNAL_NUMBER = 64
@@ -128,7 +129,7 @@ class RunnerSettings:
     max_processes: int = DEFAULT_MAX_PROCESSES
     max_file_mib: int = DEFAULT_MAX_FILE_MIB
     tmp_mib: int = DEFAULT_TMP_MIB
-    # CPU seconds per process; None derives a backstop from the timeout (see `cpu_seconds_for`).
+    # CPU seconds per process. None derives a backstop from the timeout (see `cpu_seconds_for`).
     cpu_seconds: int | None = None
 
     @classmethod
@@ -228,8 +229,8 @@ class RunResult:
         """Build the JSON object stored in the result artifact.
 
         `exit_code` is the code's exit status: a negative value -N means that signal N killed
-        the code's main process, as `subprocess.Popen.returncode` reports it. `limits` holds
-        the limits that were applied; a null value means that limit was not enforced.
+        the code's main process, as `subprocess.Popen.returncode` reports it. `limits` contains
+        the limits that were applied, where a null value marks a limit that was not enforced.
         """
         return {
             "version": RESULT_VERSION,
@@ -244,50 +245,6 @@ class RunResult:
             "sandbox": self.sandbox,
             "limits": dict(self.limits),
         }
-
-
-class OutputCapture:
-    """Decoded text of one output stream, cut after a maximum number of characters.
-
-    Bytes are decoded incrementally, so a multi-byte character split across two reads is
-    decoded whole, and invalid bytes become U+FFFD. Once the limit is reached, later data is
-    dropped without being decoded. Memory use is bounded by the limit plus one decoded read.
-    """
-
-    def __init__(self, max_chars: int) -> None:
-        self.max_chars = max_chars
-        self.truncated = False
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._parts: list[str] = []
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def feed(self, data: bytes, final: bool = False) -> None:
-        """Decode `data` and keep as much of it as the limit allows."""
-        with self._lock:
-            if self.truncated:
-                return
-            text = self._decoder.decode(data, final)
-            room = self.max_chars - self._size
-            if len(text) > room:
-                # Slicing a str cuts between code points, never inside a character's bytes.
-                text = text[:room]
-                self.truncated = True
-            self._parts.append(text)
-            self._size += len(text)
-
-    def text(self) -> str:
-        """Return the kept text, followed by the truncation marker if data was dropped."""
-        with self._lock:
-            output = "".join(self._parts)
-            if self.truncated:
-                output += truncation_marker(self.max_chars)
-            return output
-
-
-def truncation_marker(max_chars: int) -> str:
-    """Return the line appended to a stream that was cut after `max_chars` characters."""
-    return f"\n[k3s-job-runner: output truncated after {max_chars} characters]\n"
 
 
 def child_environment(home: str) -> dict[str, str]:
@@ -314,7 +271,7 @@ def child_environment(home: str) -> dict[str, str]:
 def applied_limits(
     settings: RunnerSettings, timeout_seconds: float, features: BubblewrapFeatures | None
 ) -> dict[str, Any]:
-    """Return the limits a job gets, as reported in its result; None marks one not enforced.
+    """Return the limits a job gets, as reported in its result. None marks one not enforced.
 
     Without the sandbox, RLIMIT_NPROC would count every process of the worker's user on the
     machine (and does not apply to root at all), so the process limit is left out.
@@ -361,7 +318,9 @@ def _sandbox_features(settings: RunnerSettings) -> BubblewrapFeatures | None:
     try:
         return find_bubblewrap()
     except SandboxUnavailable as error:
-        raise RunnerError(f"refusing to run code without a sandbox: {error}") from error
+        raise RunnerError(
+            f"the job was rejected because the sandbox is unavailable: {error}"
+        ) from error
 
 
 class _StartFailed(Exception):
@@ -397,7 +356,7 @@ class _Job:
         return self.features is not None
 
     def run(self) -> RunResult:
-        with _Pipe() as status, _Pipe() as info:
+        with StatusPipe() as status, StatusPipe() as info:
             try:
                 try:
                     process = self._start(status.write_fd, info.write_fd)
@@ -453,7 +412,6 @@ class _Job:
 
         spec = SandboxSpec(
             features=self.features,
-            interpreter=self.interpreter,
             prefix_mounts=prefix_mounts,
             environment=child_environment(SANDBOX_TMP),
             tmp_mib=self.settings.tmp_mib,
@@ -490,18 +448,18 @@ class _Job:
         return staged
 
     def _supervise(
-        self, process: subprocess.Popen[bytes], status: _Pipe, info: _Pipe
+        self, process: subprocess.Popen[bytes], status: StatusPipe, info: StatusPipe
     ) -> RunResult:
         started = time.monotonic()
         try:
             stdout = OutputCapture(self.settings.max_output_chars)
             stderr = OutputCapture(self.settings.max_output_chars)
             readers = [
-                _start_reader(process.stdout, stdout),
-                _start_reader(process.stderr, stderr),
+                start_reader(process.stdout, stdout),
+                start_reader(process.stderr, stderr),
             ]
-            with _kill_group_on_default_sigterm(process.pid):
-                timed_out = _wait_or_stop(
+            with kill_group_on_default_sigterm(process.pid):
+                timed_out = wait_or_stop(
                     process.pid,
                     self.timeout_seconds,
                     self.settings.kill_grace_seconds,
@@ -513,12 +471,12 @@ class _Job:
             # handler while waiting. The leader is not reaped yet, so its pid, which is also
             # the process group id, cannot have been reused. In the sandbox, bubblewrap's
             # death kills the sandbox's init, which ends its whole PID namespace.
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
             returncode = process.wait()
             if self.sandboxed:
                 reap_orphaned_init(info.read_text(), INIT_REAP_SECONDS)
 
-        _join_readers(readers, READER_JOIN_SECONDS)
+        join_readers(readers, READER_JOIN_SECONDS)
         status_lines = status.read_lines()
         if STATUS_STARTED not in status_lines:
             raise RunnerError(self._start_failure(stderr.text(), status_lines))
@@ -539,7 +497,7 @@ class _Job:
         if self.sandboxed:
             signal_sandboxed_code(pid, signal.SIGTERM)
         else:
-            _signal_group(pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
 
     def _exit_code(self, returncode: int, status: list[str]) -> int:
         """Translate bubblewrap's 128 + N for a death by signal N into -N.
@@ -581,45 +539,6 @@ def _write_script(workdir: str, code: str) -> str:
     return path
 
 
-class _Pipe:
-    """A pipe whose write end goes to the child and whose read end is read after it exits."""
-
-    def __init__(self) -> None:
-        self.read_fd, self.write_fd = os.pipe()
-
-    def __enter__(self) -> _Pipe:
-        return self
-
-    def __exit__(self, *_exc_info: object) -> None:
-        self.close_write_end()
-        os.close(self.read_fd)
-
-    def close_write_end(self) -> None:
-        """Close this process's write end, so reads reach EOF once the child's copies close."""
-        if self.write_fd >= 0:
-            os.close(self.write_fd)
-            self.write_fd = -1
-
-    def read_text(self) -> str:
-        """Read what the child wrote, without waiting for writers that are still alive.
-
-        Without the sandbox, a process the code detached can still hold the pipe open.
-        """
-        os.set_blocking(self.read_fd, False)
-        data = b""
-        with contextlib.suppress(BlockingIOError):
-            while len(data) < MAX_STATUS_BYTES:
-                chunk = os.read(self.read_fd, READ_CHUNK_BYTES)
-                if not chunk:
-                    break
-                data += chunk
-        return data[:MAX_STATUS_BYTES].decode("utf-8", errors="replace")
-
-    def read_lines(self) -> list[str]:
-        """Read what the child wrote, split into lines."""
-        return self.read_text().splitlines()
-
-
 def _start_child(launch: _Launch) -> subprocess.Popen[bytes]:
     try:
         return subprocess.Popen(
@@ -636,103 +555,6 @@ def _start_child(launch: _Launch) -> subprocess.Popen[bytes]:
         )
     except (OSError, subprocess.SubprocessError) as error:
         raise _StartFailed(f"failed to start {launch.command[0]!r}: {error}") from error
-
-
-def _start_reader(stream: BinaryIO | None, capture: OutputCapture) -> threading.Thread:
-    if stream is None:
-        raise RunnerError("the child's output pipe is missing")
-    reader = threading.Thread(
-        target=_read_stream, args=(stream, capture), name="python-runner-reader", daemon=True
-    )
-    reader.start()
-    return reader
-
-
-def _read_stream(stream: BinaryIO, capture: OutputCapture) -> None:
-    """Read `stream` until EOF, feeding every chunk to `capture` as it arrives."""
-    with stream:
-        while chunk := stream.read(READ_CHUNK_BYTES):
-            capture.feed(chunk)
-    capture.feed(b"", final=True)
-
-
-def _join_readers(readers: list[threading.Thread], timeout_seconds: float) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    for reader in readers:
-        reader.join(max(0.0, deadline - time.monotonic()))
-
-
-def _wait_or_stop(
-    pid: int, timeout_seconds: float, grace_seconds: float, terminate: Callable[[int], None]
-) -> bool:
-    """Wait for the child to exit, stopping it at the timeout.
-
-    `terminate(pid)` asks the code to stop; SIGKILL to the child's process group follows after
-    `grace_seconds`. Returns whether the timeout was reached. The child is left unreaped.
-    """
-    if _wait_without_reaping(pid, timeout_seconds):
-        return False
-    terminate(pid)
-    if not _wait_without_reaping(pid, grace_seconds):
-        _signal_group(pid, signal.SIGKILL)
-    return True
-
-
-def _wait_without_reaping(pid: int, timeout_seconds: float) -> bool:
-    """Wait up to `timeout_seconds` for `pid` to exit, and return whether it did.
-
-    WNOWAIT leaves the child a zombie, which keeps its pid and process group id reserved until
-    `Popen.wait` reaps it, so signalling the group afterwards cannot reach an unrelated process.
-    """
-    deadline = time.monotonic() + timeout_seconds
-    interval = 0.001
-    while True:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(interval, remaining))
-        interval = min(interval * 2, MAX_POLL_INTERVAL_SECONDS)
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    # The group is gone once every member has exited.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
-
-
-@contextlib.contextmanager
-def _kill_group_on_default_sigterm(pgid: int) -> Iterator[None]:
-    """Kill the child's process group before a SIGTERM ends this process.
-
-    This matters when SIGTERM has its default action, which ends the process without running
-    `finally` blocks. A Python handler that is already installed is left in place. Prefect
-    3.9's flow engine installs one while a flow runs, which raises TerminationSignal, and the
-    worker only acknowledges a cancel request while that handler is installed. The exception
-    reaches the `finally` in `_Job._supervise`, which kills the group. Signal handlers can only
-    be set from the main thread, so elsewhere nothing is installed.
-
-    After a SIGKILL of this process only the parent-death signal acts, and it reaches the
-    direct child alone. In the sandbox that is enough: bubblewrap's death kills the sandbox's
-    init, which ends every process in it. NOTE: without the sandbox, processes the code
-    started can outlive a SIGKILL of the runner.
-    """
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if not in_main_thread or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def kill_group_then_terminate(signum: int, _frame: object) -> None:
-        _signal_group(pgid, signal.SIGKILL)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, kill_group_then_terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @flow(name="python-runner", persist_result=False, retries=0, log_prints=False)

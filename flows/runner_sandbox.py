@@ -173,7 +173,6 @@ class SandboxSpec:
     """Everything that `bubblewrap_arguments` turns into options."""
 
     features: BubblewrapFeatures
-    interpreter: str
     # (host folder, sandbox path) pairs for the interpreter's prefixes, mounted read-only.
     prefix_mounts: list[tuple[str, str]]
     environment: dict[str, str]
@@ -257,7 +256,7 @@ def drop_root_hook(staged_prefixes: list[tuple[str, str]], status_fd: int) -> Ca
     """Build a pre-exec hook for a root worker: mount each prefix on its staging folder, then
     switch to uid and gid 65534 before bubblewrap starts.
 
-    `staged_prefixes` holds (prefix, staging folder) pairs. The interpreter often lives under
+    `staged_prefixes` contains (prefix, staging folder) pairs. The interpreter often lives under
     a folder that uid 65534 cannot enter (pyenv under /root, for example), and bubblewrap
     opens its mount sources with the caller's permissions. So the hook, still root, gives the
     child a private mount namespace and mounts each prefix on a staging folder that every
@@ -335,7 +334,7 @@ def become_child_subreaper() -> None:
 def reap_orphaned_init(info: str, timeout_seconds: float) -> None:
     """Reap the sandbox's init, named as `child-pid` in bubblewrap's `--info-fd` output.
 
-    Waits up to `timeout_seconds` for it to exit. Returns at once when the info holds no pid
+    Waits up to `timeout_seconds` for it to exit. Returns at once when the info contains no pid
     or the init is not a child of this process, for example when it was already reaped.
     """
     match = re.search(r'"child-pid":\s*(\d+)', info)
@@ -410,6 +409,6 @@ def _parent_pid(pid: int) -> int | None:
             fields = stat.read()
     except OSError:
         return None
-    # The command name is in parentheses and may contain spaces; the state and the parent
+    # The command name is in parentheses and may contain spaces. The state and the parent
     # pid follow the last closing parenthesis.
     return int(fields.rsplit(b")", 1)[1].split()[1])

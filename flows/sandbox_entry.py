@@ -44,7 +44,7 @@ STDERR_FD = 2
 
 
 def main(argv: list[str]) -> None:
-    """Apply the limits in `argv[1]`'s configuration, then run its script."""
+    """Apply the limits configured in `argv[1]`, a JSON object, then run its script."""
     config = json.loads(argv[1])
     status_fd = int(config["status_fd"])
     # The submitted code's own child processes do not get the pipe, and a pipe the code

@@ -24,14 +24,8 @@ import pytest
 
 import python_runner
 import runner_sandbox
-from python_runner import (
-    OutputCapture,
-    RunnerError,
-    RunnerSettings,
-    RunResult,
-    run_code,
-    truncation_marker,
-)
+from python_runner import RunnerError, RunnerSettings, RunResult, run_code
+from runner_process import OutputCapture, truncation_marker
 from runner_sandbox import BubblewrapFeatures, base_interpreter, child_pids
 
 FAST = RunnerSettings(kill_grace_seconds=0.5)
@@ -187,7 +181,8 @@ def test_memory_limit_traceback_shows_only_user_code(job):
 
 
 def test_memory_limit_is_a_setting(job):
-    result = run("b = bytearray(100 * 1024 * 1024); print('ok')", settings=replace(FAST, memory_mib=64))
+    code = "b = bytearray(100 * 1024 * 1024); print('ok')"
+    result = run(code, settings=replace(FAST, memory_mib=64))
 
     assert result.memory_limit_exceeded is True
     assert result.limits["memory_mib"] == 64
@@ -378,7 +373,7 @@ def test_tempfile_is_writable(job):
 def test_system_folders_are_read_only(job):
     code = (
         "import os, sys\n"
-        f"for folder in ['/', '/usr', '/dev', '/run', sys.prefix]:\n"
+        "for folder in ['/', '/usr', '/dev', '/run', sys.prefix]:\n"
         "    try:\n"
         "        open(os.path.join(folder, 'x'), 'w')\n"
         "        print(folder, 'writable')\n"
@@ -527,13 +522,13 @@ def test_cpu_limit_reported(job):
 
 
 def test_cpu_limit_stops_busy_loop(job):
-    started = time.monotonic()
-    result = run('print("before")\nwhile True: pass', settings=replace(FAST, cpu_seconds=1))
+    # Ending before the wall-clock timeout shows that the CPU limit stopped the loop.
+    code = 'print("before")\nwhile True: pass'
+    result = run(code, timeout_seconds=30, settings=replace(FAST, cpu_seconds=1))
 
     assert result.timed_out is False
     assert result.exit_code == -signal.SIGXCPU
     assert result.stdout == "before\n"
-    assert time.monotonic() - started < 5.0
 
 
 # Timeouts and cancellation.
@@ -600,7 +595,8 @@ def start_runner_process(code: str) -> tuple[subprocess.Popen, int]:
                     return init_pid
         return None
 
-    assert wait_until(lambda: init_running_code() is not None, timeout_seconds=15)
+    # Importing Prefect in the new interpreter alone takes seconds on a loaded machine.
+    assert wait_until(lambda: init_running_code() is not None, timeout_seconds=60)
     return runner, init_running_code()
 
 
@@ -656,9 +652,10 @@ def test_failing_bubblewrap_rejects_job(job, monkeypatch):
     features = BubblewrapFeatures(path=str(fake), tmpfs_size=True, disable_userns=True)
     monkeypatch.setattr(python_runner, "find_bubblewrap", lambda: features)
 
-    with folder, pytest.raises(RunnerError, match="No permissions to create new namespace") as raised:
+    with folder, pytest.raises(RunnerError, match="No permissions") as raised:
         run("print('hi')")
 
+    assert "bwrap: No permissions to create new namespace" in str(raised.value)
     assert "unprivileged user namespaces" in str(raised.value)
 
 
@@ -761,7 +758,8 @@ def write_pid_and_sleep_code(pid_file: Path) -> str:
 
 
 def read_pid_when_written(pid_file: Path, timeout_seconds: float = 5.0) -> int:
-    assert wait_until(lambda: pid_file.exists() and pid_file.read_text(), timeout_seconds)
+    written = wait_until(lambda: pid_file.exists() and pid_file.read_text(), timeout_seconds)
+    assert written, f"{pid_file} was not written within {timeout_seconds} s"
     return int(pid_file.read_text())
 
 
