@@ -16,6 +16,10 @@
 #   LOCAL_STACK_PYTHON      interpreter that creates the virtualenv (default python3)
 #   LOCAL_STACK_DEV         1 also installs flows/requirements-dev.txt, for the tests (default 0)
 #   LOCAL_STACK_CONCURRENCY flow runs the pool runs at once; later ones wait (default 4)
+#   LOCAL_STACK_SANDBOX     bubblewrap (default) runs submitted code in a bubblewrap sandbox,
+#                           installing the package with apt-get when root and `bwrap` is
+#                           missing; none runs it without isolation (the worker gets
+#                           PYTHON_RUNNER_SANDBOX=none)
 #
 # `up` is idempotent: processes whose pid files point at live processes are left running.
 # `down` stops only the process groups that `up` recorded, and the flow runs their worker
@@ -35,6 +39,7 @@ DEPLOYMENT="${LOCAL_STACK_DEPLOYMENT:-python-runner}"
 PYTHON="${LOCAL_STACK_PYTHON:-python3}"
 DEV="${LOCAL_STACK_DEV:-0}"
 CONCURRENCY="${LOCAL_STACK_CONCURRENCY:-4}"
+SANDBOX="${LOCAL_STACK_SANDBOX:-bubblewrap}"
 
 FLOW_NAME="python-runner"
 API_URL="http://$HOST:$PORT/api"
@@ -74,6 +79,10 @@ Settings (environment variables):
   LOCAL_STACK_PYTHON      interpreter that creates the virtualenv (default python3)
   LOCAL_STACK_DEV         1 also installs flows/requirements-dev.txt (default 0)
   LOCAL_STACK_CONCURRENCY flow runs the pool runs at once; later ones wait (default 4)
+  LOCAL_STACK_SANDBOX     bubblewrap (default): run submitted code in a bubblewrap sandbox;
+                          \`up\` installs bubblewrap with apt-get when root and bwrap is
+                          missing. none: run it without isolation. A running worker keeps
+                          the value it started with; run \`down\` first to change it.
 EOF
 }
 
@@ -98,6 +107,57 @@ export_prefect_env() {
   # The worker starts flow runs with its own interpreter. With the virtualenv first on PATH,
   # `prefect` and `python` also resolve to the virtualenv.
   export PATH="$VENV/bin:$PATH"
+}
+
+# Install bubblewrap when the sandbox is on and `bwrap` is missing. Only root can install it.
+ensure_bubblewrap() {
+  case "$SANDBOX" in
+    none)
+      log "sandbox disabled (LOCAL_STACK_SANDBOX=none): submitted code runs without isolation"
+      return
+      ;;
+    bubblewrap) ;;
+    *) die "LOCAL_STACK_SANDBOX must be bubblewrap or none, got '$SANDBOX'" ;;
+  esac
+  if command -v bwrap >/dev/null; then
+    return
+  fi
+  if [[ "$(id -u)" != "0" ]]; then
+    die "bubblewrap (bwrap) is not installed; install it as root (Debian and Ubuntu:" \
+      "sudo apt-get install bubblewrap; Fedora: sudo dnf install bubblewrap), or set" \
+      "LOCAL_STACK_SANDBOX=none to run submitted code without a sandbox"
+  fi
+  command -v apt-get >/dev/null ||
+    die "bubblewrap (bwrap) is not installed and apt-get is missing; install bubblewrap" \
+      "with the system's package manager, or set LOCAL_STACK_SANDBOX=none"
+  log "installing bubblewrap with apt-get (log: $LOG_DIR/setup.log)"
+  # The package lists may be missing or stale on a fresh machine, so update them on failure.
+  if ! apt-get install -y bubblewrap >>"$LOG_DIR/setup.log" 2>&1; then
+    apt-get update >>"$LOG_DIR/setup.log" 2>&1 ||
+      die "apt-get update failed; see $LOG_DIR/setup.log"
+    apt-get install -y bubblewrap >>"$LOG_DIR/setup.log" 2>&1 ||
+      die "apt-get install bubblewrap failed; see $LOG_DIR/setup.log"
+  fi
+}
+
+# Run one job through the runner, so a sandbox that cannot start (user namespaces refused,
+# for example) fails here with the runner's own message rather than on every submitted job.
+check_sandbox() {
+  [[ "$SANDBOX" == "none" ]] && return
+  local message
+  if ! message="$(cd "$FLOWS_DIR" && PYTHON_RUNNER_SANDBOX="$SANDBOX" "$VENV/bin/python" -c '
+import sys
+from python_runner import RunnerError, run_code
+try:
+    result = run_code("print(1)", 30)
+except RunnerError as error:
+    sys.exit(str(error))
+if result.stdout != "1\n":
+    sys.exit(f"the sandbox test job returned {result.to_payload()}")
+' 2>&1)"; then
+    die "the sandbox does not work on this machine: $message"
+  fi
+  log "sandbox check passed (bubblewrap)"
 }
 
 requirements_hash() {
@@ -268,8 +328,10 @@ start_worker() {
   echo "$name" >"$WORKER_NAME_FILE"
   log "starting worker $name on pool $POOL (log: $LOG_DIR/worker.log)"
   # Poll the pool every second instead of every 10 s, so a submitted run starts sooner.
+  # Flow runs inherit the worker's environment, which is where the runner reads its settings.
   start_in_new_session "$WORKER_PID_FILE" "$LOG_DIR/worker.log" \
-    env PREFECT_WORKER_QUERY_SECONDS=1 prefect worker start --pool "$POOL" --name "$name"
+    env PREFECT_WORKER_QUERY_SECONDS=1 PYTHON_RUNNER_SANDBOX="$SANDBOX" \
+    prefect worker start --pool "$POOL" --name "$name"
   wait_for_worker "$name"
 }
 
@@ -296,8 +358,10 @@ cmd_up() {
   flock -w 300 9 || die "timed out after 300 s waiting for another stack.sh to release" \
     "$STATE_DIR/stack.lock"
 
+  ensure_bubblewrap
   ensure_venv
   export_prefect_env
+  check_sandbox
   start_server
   ensure_pool
   register_deployment
