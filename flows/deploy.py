@@ -1,8 +1,9 @@
 """Register the `python-runner` deployment with the Prefect server at PREFECT_API_URL.
 
 The deployment points at this directory on the local filesystem, so a process worker on the
-same machine loads the flow from here. Nothing is built or pushed, and no internet access is
-needed. Prints the deployment id.
+same machine loads the flow from here. With `--image`, flow runs start in that container image,
+which must hold this directory at the same path (flows/Dockerfile puts it at /opt/flows).
+Nothing is built or pushed, and no internet access is needed. Prints the deployment id.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--name", default="python-runner", help="deployment name (default: %(default)s)"
     )
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="container image of the flow runs, for pools with an `image` job variable such"
+        " as kubernetes (default: none, for process pools)",
+    )
     return parser.parse_args()
 
 
@@ -35,6 +42,7 @@ def main() -> None:
     deployment_id = runner_flow.deploy(
         name=args.name,
         work_pool_name=args.pool,
+        image=args.image,
         build=False,
         push=False,
         description="Runs submitted Python code in a child process and stores the result.",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: the flow's pytest tests, then the Rust unit and integration
-# tests. The integration tests need a real Prefect server and worker, so this script starts a
-# stack of its own on a separate port and state folder, with a fresh database, and stops it
-# on exit.
+# Runs the whole test suite: the flow's pytest tests, the K3s deployment's offline tests, then
+# the Rust unit and integration tests. The integration tests need a real Prefect server and
+# worker, so this script starts a stack of its own on a separate port and state folder, with a
+# fresh database, and stops it on exit.
 #
 # Settings (environment):
 #   TEST_STACK_PORT       port of the test stack's Prefect server (default 4290)
@@ -27,6 +27,9 @@ trap '"$stack" down' EXIT
 echo "==> flow tests (pytest)"
 venv="${LOCAL_STACK_VENV:-$repo/.venv}"
 (cd "$repo/flows" && "$venv/bin/python" -m pytest -q tests)
+
+echo "==> K3s deployment tests (pytest, offline, own virtualenv .venv-k3s)"
+"$repo/deploy/k3s/test.sh"
 
 echo "==> Rust unit and integration tests"
 export K3S_JOB_RUNNER_TEST_API_URL="http://$LOCAL_STACK_HOST:$LOCAL_STACK_PORT/api"
