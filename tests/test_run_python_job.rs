@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{PrefectProbe, Server};
+use common::{assert_no_job_processes_left, PrefectProbe, Server};
 
 #[tokio::test]
 async fn sum_of_range_returns_45() {
@@ -12,6 +12,7 @@ async fn sum_of_range_returns_45() {
     assert!(!reply.is_error, "{}", reply.text);
     assert_eq!(reply.stdout(), "45\n");
     assert_eq!(reply.value["meta_data"]["timeout_seconds"], 120);
+    assert_no_job_processes_left().await;
     server.stop().await;
 }
 
@@ -31,6 +32,7 @@ async fn hello_completes_with_exit_zero() {
     assert_eq!(reply.value["meta_data"]["is_error"], false);
     assert_eq!(reply.value["meta_data"]["code_length"], 11);
     assert_eq!(reply.value["meta_data"]["flow_run_id"], reply.results()["flow_run_id"]);
+    assert_no_job_processes_left().await;
     server.stop().await;
 }
 
@@ -44,6 +46,7 @@ async fn input_gets_eof_instead_of_hanging() {
     assert!(reply.is_error);
     assert_eq!(reply.exit_code(), Some(1));
     assert!(reply.stderr().contains("EOFError"), "stderr: {}", reply.stderr());
+    assert_no_job_processes_left().await;
     server.stop().await;
 }
 
@@ -62,6 +65,7 @@ async fn exit_code_three_runs_once() {
     let flow_run = PrefectProbe::new().flow_run(reply.flow_run_id().expect("a flow run was created")).await;
     assert_eq!(flow_run["state"]["type"], "COMPLETED");
     assert_eq!(flow_run["run_count"], 1);
+    assert_no_job_processes_left().await;
     server.stop().await;
 }
 
@@ -77,5 +81,6 @@ async fn both_streams_and_exit_one_return() {
     assert_eq!(reply.exit_code(), Some(1));
     assert_eq!(reply.results()["success"], false);
     assert!(reply.text.contains("--- stdout ---\nout\n"), "{}", reply.text);
+    assert_no_job_processes_left().await;
     server.stop().await;
 }

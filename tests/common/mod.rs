@@ -249,3 +249,43 @@ impl PrefectProbe {
         response.json().await.expect("JSON body")
     }
 }
+
+/// Uid that the sandbox runs submitted code as when the worker runs as root.
+const SANDBOX_UID: &str = "65534";
+
+/// Lists processes that belong to a job: `bwrap` itself, anything running as the sandbox's
+/// uid, and `sleep` or `sh` children. NOTE: this assumes no other sandboxed jobs run on the
+/// machine during the tests, as in CI.
+pub fn job_processes() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|name| name.chars().all(|c| c.is_ascii_digit())) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let command =
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+        let uid = status.lines().find_map(|line| line.strip_prefix("Uid:")).unwrap_or_default();
+        let sandboxed = uid.split_whitespace().next() == Some(SANDBOX_UID);
+        let child_of_case = command.starts_with("sleep 1000") || command.contains("while :; do echo t");
+        if command.starts_with("bwrap") || sandboxed || child_of_case {
+            found.push(format!("{pid}: {command}"));
+        }
+    }
+    found
+}
+
+/// Waits up to 10 s for every job process to end, then asserts none is left.
+pub async fn assert_no_job_processes_left() {
+    let mut left = job_processes();
+    for _ in 0..50 {
+        if left.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = job_processes();
+    }
+    panic!("job processes left after the job returned: {left:?}");
+}
