@@ -111,7 +111,8 @@ impl FaultProxy {
     /// open ones. Listening starts again on the same port when `refused` is false.
     pub async fn refuse_connections(&self, refused: bool) {
         if refused {
-            if let Some(task) = self.accept_task.lock().expect("accept task lock").take() {
+            let task = self.accept_task.lock().expect("accept task lock").take();
+            if let Some(task) = task {
                 task.abort();
                 let _ = task.await;
             }
