@@ -602,9 +602,16 @@ def start_runner_process(code: str) -> tuple[subprocess.Popen, int]:
 
 def reap_if_orphaned_here(pid: int) -> None:
     # This process is a child subreaper once it has run a sandbox, so a sandbox init orphaned
-    # by a runner that died is reparented here.
+    # by a runner that died is reparented here, possibly only after this call: see
+    # `sandbox_gone`, which reaps again while it waits.
     with contextlib.suppress(ChildProcessError):
-        os.waitid(os.P_PID, pid, os.WEXITED)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+
+
+def sandbox_gone(init_pid: int, namespace: str | None) -> bool:
+    """Reap the sandbox init if it was orphaned here, then report whether the sandbox is empty."""
+    reap_if_orphaned_here(init_pid)
+    return not processes_in_namespace(namespace)
 
 
 def test_default_sigterm_kills_sandbox():
@@ -614,8 +621,7 @@ def test_default_sigterm_kills_sandbox():
     runner.send_signal(signal.SIGTERM)
 
     assert runner.wait(timeout=10) == -signal.SIGTERM
-    reap_if_orphaned_here(init_pid)
-    assert wait_until(lambda: not processes_in_namespace(namespace))
+    assert wait_until(lambda: sandbox_gone(init_pid, namespace), timeout_seconds=10)
 
 
 def test_runner_death_kills_sandbox():
@@ -624,8 +630,7 @@ def test_runner_death_kills_sandbox():
     runner.kill()
     runner.wait(timeout=10)
 
-    reap_if_orphaned_here(init_pid)
-    assert wait_until(lambda: not processes_in_namespace(namespace))
+    assert wait_until(lambda: sandbox_gone(init_pid, namespace), timeout_seconds=10)
 
 
 # When the sandbox cannot be used.
