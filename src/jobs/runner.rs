@@ -1,10 +1,11 @@
 //! Runs one job through Prefect and waits for it on the shared events subscription.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -27,6 +28,8 @@ const ARTIFACT_ATTEMPTS: u32 = 5;
 /// the code at the timeout itself, then needs a kill grace period and a few REST calls to
 /// store the result.
 const RUN_GRACE: Duration = Duration::from_secs(30);
+/// Maximum wait at shutdown for the cancellations of dropped jobs' runs.
+const ORPHAN_CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// Delay before the next deadline check when the run could not be read.
 const DEADLINE_RECHECK: Duration = Duration::from_secs(10);
 
@@ -36,6 +39,40 @@ pub struct JobRunner {
     client: Arc<PrefectClient>,
     registry: Arc<WaiterRegistry>,
     subscription: SubscriptionHandle,
+    /// Cancellations of runs whose job future was dropped, awaited at shutdown.
+    orphan_cancels: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// Cancels its flow run if the job future is dropped before the job reached an ending, as
+/// when the MCP transport closes and the server drops in-flight calls.
+struct OrphanGuard<'a> {
+    runner: &'a JobRunner,
+    flow_run_id: Uuid,
+    armed: bool,
+}
+
+impl OrphanGuard<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for OrphanGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let client = Arc::clone(&self.runner.client);
+        let flow_run_id = self.flow_run_id;
+        warn!(%flow_run_id, "job dropped while waiting; cancelling its flow run");
+        let task = runtime.spawn(async move {
+            if let Err(error) = client.cancel_flow_run(flow_run_id, "the MCP caller went away").await {
+                warn!(%flow_run_id, %error, "cancelling the flow run of a dropped job failed");
+            }
+        });
+        self.runner.orphan_cancels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(task);
+    }
 }
 
 /// Runner state that an operator needs to see.
@@ -79,7 +116,7 @@ impl JobRunner {
         let client = Arc::new(PrefectClient::new(&config, RetryPolicy::default())?);
         let registry = WaiterRegistry::new();
         let subscription = Subscription::spawn(&config, Arc::clone(&client) as _, Arc::clone(&registry));
-        Ok(Self { config, client, registry, subscription })
+        Ok(Self { config, client, registry, subscription, orphan_cancels: Arc::default() })
     }
 
     pub fn config(&self) -> &Config {
@@ -140,6 +177,11 @@ impl JobRunner {
     /// [`JobError::ShuttingDown`], and later jobs end the same way once submitted.
     pub async fn shutdown(&self) {
         self.subscription.shutdown().await;
+        let tasks = std::mem::take(&mut *self.orphan_cancels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let all_done = futures::future::join_all(tasks);
+        if tokio::time::timeout(ORPHAN_CANCEL_WAIT, all_done).await.is_err() {
+            warn!("cancelling the flow runs of dropped jobs did not finish in time");
+        }
     }
 
     async fn run_in_span(
@@ -153,7 +195,10 @@ impl JobRunner {
         info!(flow_run_name = %flow_run.name, "flow run created");
 
         let mut waiter = self.registry.register(flow_run.id);
-        match self.wait_for_terminal(&mut waiter, request, cancel).await {
+        let guard = OrphanGuard { runner: self, flow_run_id: flow_run.id, armed: true };
+        let end = self.wait_for_terminal(&mut waiter, request, cancel).await;
+        guard.disarm();
+        match end {
             WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
             WaitEnd::DeadlinePassed { reason } => Ok(self.give_up(flow_run, request, &reason).await),
             WaitEnd::CallerCancelled => Err(self.cancel_for_caller(flow_run.id).await),
