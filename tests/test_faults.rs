@@ -149,7 +149,8 @@ async fn sigterm_ends_waiting_job_and_cancels_run() {
     let server = Server::start().await;
     let job = server.run("import time; time.sleep(60)", Some(120));
     let stop = async {
-        server.wait_for_status(Duration::from_secs(30), |status| status["waiting_runs"] == 1).await;
+        // Stop once the code runs, so the cancellation has a process to kill.
+        wait_until_running(&server).await;
         let killed = std::process::Command::new("kill").args(["-TERM", &server.pid.to_string()]).status();
         assert!(killed.expect("kill runs").success());
     };
@@ -158,7 +159,7 @@ async fn sigterm_ends_waiting_job_and_cancels_run() {
     assert!(reply.is_error);
     assert_eq!(reply.status(), "shutting_down", "{}", reply.text);
     let flow_run_id: Uuid = reply.flow_run_id().expect("the result names the run");
-    let run = PrefectProbe::new().wait_for_terminal(flow_run_id, Duration::from_secs(30)).await;
+    let run = PrefectProbe::new().wait_for_terminal(flow_run_id, Duration::from_secs(60)).await;
     assert_eq!(run["state"]["type"], "CANCELLED", "{run:#}");
 }
 
@@ -291,6 +292,6 @@ async fn closed_stdin_cancels_waiting_run() {
 
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
     assert!(exit.is_ok(), "the server exits after stdin closes");
-    let run = probe.wait_for_terminal(runs[0], Duration::from_secs(30)).await;
+    let run = probe.wait_for_terminal(runs[0], Duration::from_secs(60)).await;
     assert_eq!(run["state"]["type"], "CANCELLED", "{run:#}");
 }

@@ -1,5 +1,6 @@
 //! Runs one job through Prefect and waits for it on the shared events subscription.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ const ARTIFACT_ATTEMPTS: u32 = 5;
 /// the code at the timeout itself, then needs a kill grace period and a few REST calls to
 /// store the result.
 const RUN_GRACE: Duration = Duration::from_secs(30);
-/// Maximum wait at shutdown for the cancellations of dropped jobs' runs.
+/// Maximum wait at shutdown for active jobs and for the cancellations of dropped jobs' runs.
 const ORPHAN_CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// Delay before the next deadline check when the run could not be read.
 const DEADLINE_RECHECK: Duration = Duration::from_secs(10);
@@ -41,6 +42,24 @@ pub struct JobRunner {
     subscription: SubscriptionHandle,
     /// Cancellations of runs whose job future was dropped, awaited at shutdown.
     orphan_cancels: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Jobs between submission and their ending, so shutdown can wait for their cancellations.
+    active_jobs: AtomicUsize,
+}
+
+/// Counts a job as active until dropped.
+struct ActiveJob<'a>(&'a AtomicUsize);
+
+impl<'a> ActiveJob<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for ActiveJob<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Cancels its flow run if the job future is dropped before the job reached an ending, as
@@ -116,7 +135,14 @@ impl JobRunner {
         let client = Arc::new(PrefectClient::new(&config, RetryPolicy::default())?);
         let registry = WaiterRegistry::new();
         let subscription = Subscription::spawn(&config, Arc::clone(&client) as _, Arc::clone(&registry));
-        Ok(Self { config, client, registry, subscription, orphan_cancels: Arc::default() })
+        Ok(Self {
+            config,
+            client,
+            registry,
+            subscription,
+            orphan_cancels: Arc::default(),
+            active_jobs: AtomicUsize::new(0),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -161,6 +187,7 @@ impl JobRunner {
             timeout_seconds = request.timeout_seconds(),
             flow_run_id = tracing::field::Empty,
         );
+        let _active = ActiveJob::enter(&self.active_jobs);
         let mut outcome = self.run_in_span(request, cancel, &span).instrument(span.clone()).await?;
         outcome.elapsed = started.elapsed();
         span.in_scope(|| {
@@ -177,7 +204,14 @@ impl JobRunner {
     /// [`JobError::ShuttingDown`], and later jobs end the same way once submitted.
     pub async fn shutdown(&self) {
         self.subscription.shutdown().await;
-        let tasks = std::mem::take(&mut *self.orphan_cancels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        // Closing the registry ends every wait, and each job then cancels its own run. The
+        // process may exit right after this returns, so wait for those jobs to finish.
+        let deadline = Instant::now() + ORPHAN_CANCEL_WAIT;
+        while self.active_jobs.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            sleep(Duration::from_millis(20)).await;
+        }
+        let tasks =
+            std::mem::take(&mut *self.orphan_cancels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let all_done = futures::future::join_all(tasks);
         if tokio::time::timeout(ORPHAN_CANCEL_WAIT, all_done).await.is_err() {
             warn!("cancelling the flow runs of dropped jobs did not finish in time");
