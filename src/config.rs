@@ -60,6 +60,38 @@ impl Default for JobLimits {
     }
 }
 
+/// How the service learns that a flow run finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitMode {
+    /// One events websocket for the whole service, with bulk REST polling while it is down.
+    Events,
+    /// No websocket: every waiting job reads its own flow run over REST at a fixed interval,
+    /// as a polling runner does.
+    Poll,
+}
+
+impl WaitMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Events => "events",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+impl std::str::FromStr for WaitMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.to_ascii_lowercase().as_str() {
+            "events" => Ok(Self::Events),
+            "poll" => Ok(Self::Poll),
+            _ => Err("expected events or poll".to_owned()),
+        }
+    }
+}
+
 /// Every setting of the service.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -83,6 +115,12 @@ pub struct Config {
     pub startup_allowance: Duration,
     /// Timeout of one REST request (`K3S_JOB_RUNNER_REQUEST_TIMEOUT_SECONDS`, default 30).
     pub request_timeout: Duration,
+    /// How completions are learned (`K3S_JOB_RUNNER_WAIT_MODE`, `events` or `poll`, default
+    /// `events`).
+    pub wait_mode: WaitMode,
+    /// Interval at which each waiting job reads its flow run in `poll` mode
+    /// (`K3S_JOB_RUNNER_POLL_INTERVAL_MS`, default 2000). Unused in `events` mode.
+    pub poll_interval: Duration,
     /// Interval of the bulk REST poll of waiting runs while the websocket is down
     /// (`K3S_JOB_RUNNER_FALLBACK_POLL_MS`, default 1000).
     pub fallback_poll_interval: Duration,
@@ -113,6 +151,8 @@ impl Default for Config {
             limits: JobLimits::default(),
             startup_allowance: Duration::from_secs(300),
             request_timeout: Duration::from_secs(30),
+            wait_mode: WaitMode::Events,
+            poll_interval: Duration::from_millis(2000),
             fallback_poll_interval: Duration::from_millis(1000),
             safety_poll_interval: Duration::from_secs(30),
             reconnect_initial: Duration::from_millis(250),
@@ -166,6 +206,8 @@ impl Config {
                 .seconds("K3S_JOB_RUNNER_STARTUP_ALLOWANCE_SECONDS", defaults.startup_allowance)?,
             request_timeout: env
                 .seconds("K3S_JOB_RUNNER_REQUEST_TIMEOUT_SECONDS", defaults.request_timeout)?,
+            wait_mode: env.parsed("K3S_JOB_RUNNER_WAIT_MODE", defaults.wait_mode)?,
+            poll_interval: env.millis("K3S_JOB_RUNNER_POLL_INTERVAL_MS", defaults.poll_interval)?,
             fallback_poll_interval: env
                 .millis("K3S_JOB_RUNNER_FALLBACK_POLL_MS", defaults.fallback_poll_interval)?,
             safety_poll_interval: env
@@ -213,6 +255,17 @@ impl Env<'_> {
             value,
             reason: format!("expected a whole number ({error})"),
         })
+    }
+
+    fn parsed<T: std::str::FromStr<Err = String>>(
+        &self,
+        name: &'static str,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        let Some(value) = self.text(name) else {
+            return Ok(default);
+        };
+        value.parse().map_err(|reason| ConfigError::Invalid { name, value, reason })
     }
 
     fn seconds(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
@@ -357,6 +410,31 @@ mod tests {
     fn deployment_without_flow_name_is_rejected() {
         let error = config_from(&[("K3S_JOB_RUNNER_DEPLOYMENT", "python-runner")]).unwrap_err();
         assert!(error.to_string().contains("FLOW_NAME/DEPLOYMENT_NAME"), "{error}");
+    }
+
+    #[test]
+    fn wait_mode_defaults_to_events() {
+        let config = config_from(&[]).unwrap();
+        assert_eq!(config.wait_mode, WaitMode::Events);
+        assert_eq!(config.poll_interval, Duration::from_millis(2000));
+    }
+
+    #[test]
+    fn wait_mode_poll_is_read_with_interval() {
+        let config =
+            config_from(&[("K3S_JOB_RUNNER_WAIT_MODE", "Poll"), ("K3S_JOB_RUNNER_POLL_INTERVAL_MS", "500")])
+                .unwrap();
+        assert_eq!(config.wait_mode, WaitMode::Poll);
+        assert_eq!(config.poll_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_wait_mode_is_rejected_with_choices() {
+        let error = config_from(&[("K3S_JOB_RUNNER_WAIT_MODE", "websocket")]).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("K3S_JOB_RUNNER_WAIT_MODE"), "{message}");
+        assert!(message.contains("\"websocket\""), "{message}");
+        assert!(message.contains("expected events or poll"), "{message}");
     }
 
     #[test]

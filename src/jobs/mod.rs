@@ -5,8 +5,10 @@ mod error;
 mod outcome;
 mod request;
 mod runner;
+mod status;
 
 pub use error::JobError;
 pub use outcome::{JobOutcome, JobStatus};
 pub use request::{InvalidRequest, JobRequest};
-pub use runner::{JobRunner, RunnerStatus};
+pub use runner::JobRunner;
+pub use status::{peak_memory_kib, RunnerStatus};

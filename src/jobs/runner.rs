@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
@@ -12,11 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 use uuid::Uuid;
 
+use super::status::{peak_memory_kib, RunnerStatus};
 use super::{JobError, JobOutcome, JobRequest, JobStatus};
 use crate::backoff::Backoff;
-use crate::config::Config;
-use crate::events::{Subscription, SubscriptionHandle, SubscriptionStatus};
-use crate::prefect::{FlowRun, NewFlowRun, PrefectClient, PrefectError, RetryPolicy, RunOutput, State};
+use crate::config::{Config, WaitMode};
+use crate::events::{Mode, Subscription, SubscriptionHandle};
+use crate::prefect::{
+    FlowRun, NewFlowRun, PrefectClient, PrefectError, RetryPolicy, RunOutput, State, StateType,
+};
 use crate::waiters::{CompletionSource, Waiter, WaiterRegistry};
 
 /// Reads of a run's state after its terminal event, until REST shows the terminal state.
@@ -39,7 +41,8 @@ pub struct JobRunner {
     config: Config,
     client: Arc<PrefectClient>,
     registry: Arc<WaiterRegistry>,
-    subscription: SubscriptionHandle,
+    /// The events subscription; `None` in `poll` mode, where each job polls its own run.
+    subscription: Option<SubscriptionHandle>,
     /// Cancellations of runs whose job future was dropped, awaited at shutdown.
     orphan_cancels: Arc<Mutex<Vec<JoinHandle<()>>>>,
     /// Jobs between submission and their ending, so shutdown can wait for their cancellations.
@@ -94,16 +97,6 @@ impl Drop for OrphanGuard<'_> {
     }
 }
 
-/// Runner state that an operator needs to see.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunnerStatus {
-    pub api_url: String,
-    pub deployment: String,
-    pub subscription: SubscriptionStatus,
-    /// Jobs currently waiting for their flow run to finish.
-    pub waiting_runs: usize,
-}
-
 /// Ending of a wait for a terminal state.
 enum WaitEnd {
     Finished {
@@ -134,7 +127,15 @@ impl JobRunner {
     pub fn start(config: Config) -> Result<Self, PrefectError> {
         let client = Arc::new(PrefectClient::new(&config, RetryPolicy::default())?);
         let registry = WaiterRegistry::new();
-        let subscription = Subscription::spawn(&config, Arc::clone(&client) as _, Arc::clone(&registry));
+        let subscription = match config.wait_mode {
+            WaitMode::Events => {
+                Some(Subscription::spawn(&config, Arc::clone(&client) as _, Arc::clone(&registry)))
+            }
+            WaitMode::Poll => {
+                info!(interval = ?config.poll_interval, "wait mode poll: each job polls its own flow run");
+                None
+            }
+        };
         Ok(Self {
             config,
             client,
@@ -157,13 +158,16 @@ impl JobRunner {
         self.client.health().await
     }
 
-    /// Returns a snapshot of the subscription and the number of waiting jobs.
+    /// Returns a snapshot of the subscription, the waiting jobs and the service's counters.
     pub fn status(&self) -> RunnerStatus {
         RunnerStatus {
             api_url: self.config.api_url.clone(),
             deployment: self.config.deployment.clone(),
-            subscription: self.subscription.status(),
+            wait_mode: self.config.wait_mode,
+            subscription: self.subscription.as_ref().map(SubscriptionHandle::status),
             waiting_runs: self.registry.len(),
+            rest_requests: self.client.requests_sent(),
+            peak_memory_kib: peak_memory_kib(),
         }
     }
 
@@ -203,7 +207,10 @@ impl JobRunner {
     /// Stops the subscription. Jobs still waiting cancel their flow runs and end with
     /// [`JobError::ShuttingDown`], and later jobs end the same way once submitted.
     pub async fn shutdown(&self) {
-        self.subscription.shutdown().await;
+        match &self.subscription {
+            Some(subscription) => subscription.shutdown().await,
+            None => self.registry.close_all(),
+        }
         // Closing the registry ends every wait, and each job then cancels its own run. The
         // process may exit right after this returns, so wait for those jobs to finish.
         let deadline = Instant::now() + ORPHAN_CANCEL_WAIT;
@@ -224,13 +231,19 @@ impl JobRunner {
         cancel: &CancellationToken,
         span: &tracing::Span,
     ) -> Result<JobOutcome, JobError> {
-        let flow_run = self.submit(request).await?;
+        let deployment_id = self.look_up_deployment().await?;
+        let connection_before = self.subscribed_connection().await;
+        let flow_run = self.submit(deployment_id, request).await?;
         span.record("flow_run_id", tracing::field::display(flow_run.id));
         info!(flow_run_name = %flow_run.name, "flow run created");
 
         let mut waiter = self.registry.register(flow_run.id);
+        // An event that arrives between the creation and the registration is kept by the
+        // registry for the waiter, but only if the socket was subscribed all along.
+        let events_cover_gap =
+            connection_before.is_some() && self.subscription_connection() == connection_before;
         let guard = OrphanGuard { runner: self, flow_run_id: flow_run.id, armed: true };
-        let end = self.wait_for_terminal(&mut waiter, request, cancel).await;
+        let end = self.wait_for_terminal(&mut waiter, request, cancel, events_cover_gap).await;
         guard.disarm();
         match end {
             WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
@@ -240,16 +253,33 @@ impl JobRunner {
         }
     }
 
-    async fn submit(&self, request: &JobRequest) -> Result<FlowRun, JobError> {
-        // The lookup comes first, so an unreachable Prefect or a missing deployment is
-        // reported without waiting for a socket that cannot connect.
-        let deployment_id =
-            self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)?;
-        // Subscribing before the first submission means the run's terminal event cannot
-        // slip past. If the socket is slow to come up, the fallback poll covers the gap.
-        if !self.subscription.wait_until_subscribed(self.config.subscribe_wait).await {
+    /// Looks up the deployment's id, cached after the first call. It runs before anything
+    /// else, so an unreachable Prefect or a missing deployment is reported without waiting
+    /// for a socket that cannot connect.
+    async fn look_up_deployment(&self) -> Result<Uuid, JobError> {
+        self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)
+    }
+
+    /// Waits for the events socket (in `events` mode) and returns the number of the
+    /// connection that is subscribed, or `None` when no connection is.
+    ///
+    /// Subscribing before the first submission means the run's terminal event cannot slip
+    /// past. If the socket is slow to come up, the fallback poll covers the gap.
+    async fn subscribed_connection(&self) -> Option<u64> {
+        let subscription = self.subscription.as_ref()?;
+        if !subscription.wait_until_subscribed(self.config.subscribe_wait).await {
             debug!("events socket not subscribed yet; relying on polling for this job");
         }
+        self.subscription_connection()
+    }
+
+    /// Returns the number of the connection that is subscribed now, if any.
+    fn subscription_connection(&self) -> Option<u64> {
+        let status = self.subscription.as_ref()?.status();
+        (status.mode == Mode::Subscribed).then_some(status.connections)
+    }
+
+    async fn submit(&self, deployment_id: Uuid, request: &JobRequest) -> Result<FlowRun, JobError> {
         let new_run = NewFlowRun {
             parameters: json!({ "code": request.code(), "timeout_seconds": request.timeout_seconds() }),
             tags: vec![self.config.tag.clone()],
@@ -272,17 +302,29 @@ impl JobRunner {
     /// Waits for the run's terminal state. The deadline has two phases: the run must start
     /// within the start-up allowance, then end within its timeout plus [`RUN_GRACE`] from its
     /// start, so time spent queued behind other runs does not eat into the code's own time.
+    ///
+    /// In `events` mode the waiter is resolved by the subscription. In `poll` mode the job
+    /// reads its own run every poll interval, and the waiter only ends at shutdown.
     async fn wait_for_terminal(
         &self,
         waiter: &mut Waiter,
         request: &JobRequest,
         cancel: &CancellationToken,
+        events_cover_gap: bool,
     ) -> WaitEnd {
-        // A run can finish between its creation and the waiter's registration, and its event
-        // then has no waiter to reach: one read after registering catches that case.
-        if let Some(state) = self.read_terminal_state(waiter.flow_run_id()).await {
-            return WaitEnd::Finished { state, source: CompletionSource::Poll };
+        // A run can finish between its creation and the waiter's registration while the
+        // socket is down, and its event is then lost: one read after registering catches
+        // that case. In `poll` mode this read is the first poll.
+        if !events_cover_gap {
+            if let Some(state) = self.read_terminal_state(waiter.flow_run_id()).await {
+                return WaitEnd::Finished { state, source: CompletionSource::Poll };
+            }
         }
+        let poll_interval = match self.config.wait_mode {
+            WaitMode::Events => None,
+            WaitMode::Poll => Some(self.config.poll_interval),
+        };
+        let mut next_poll = poll_interval.map(|interval| Instant::now() + interval);
         let mut deadline = Instant::now() + self.config.startup_allowance;
         loop {
             tokio::select! {
@@ -290,6 +332,13 @@ impl JobRunner {
                     Ok(completion) => WaitEnd::Finished { state: completion.state, source: completion.source },
                     Err(_) => WaitEnd::RegistryClosed,
                 },
+                () = sleep_until_if_set(next_poll) => {
+                    if let Some(state) = self.read_terminal_state(waiter.flow_run_id()).await {
+                        return WaitEnd::Finished { state, source: CompletionSource::Poll };
+                    }
+                    next_poll = poll_interval.map(|interval| Instant::now() + interval);
+                    continue;
+                }
                 () = sleep_until(deadline) => {}
                 () = cancel.cancelled() => return WaitEnd::CallerCancelled,
             }
@@ -336,7 +385,7 @@ impl JobRunner {
         match self.client.read_flow_run(flow_run_id).await {
             Ok(flow_run) => flow_run.terminal_state().cloned(),
             Err(error) => {
-                debug!(%error, "reading the new flow run failed; waiting for its event");
+                debug!(%error, "reading the flow run failed; waiting for its next check");
                 None
             }
         }
@@ -350,12 +399,16 @@ impl JobRunner {
         request: &JobRequest,
     ) -> Result<JobOutcome, JobError> {
         debug!(state = %state.name, ?source, "flow run reached a terminal state");
-        let state = match source {
-            CompletionSource::Event => self.confirm_terminal(flow_run.id, state).await?,
-            CompletionSource::Poll => state,
+        let state = match (source, state.state_type) {
+            // The flow stores its result artifact before it proposes Completed, so the
+            // artifact of a run with a Completed event is readable even while the state's
+            // commit is still in flight. Reading it is the confirmation.
+            (CompletionSource::Event, StateType::Completed) => state,
+            (CompletionSource::Event, _) => self.confirm_terminal(flow_run.id, state).await?,
+            (CompletionSource::Poll, _) => state,
         };
         let output = match state.state_type {
-            crate::prefect::StateType::Completed => self.read_output(flow_run.id).await?,
+            StateType::Completed => self.read_output(flow_run.id).await?,
             _ => self.read_output_once(flow_run.id).await,
         };
         Ok(JobOutcome::finished(flow_run.id, flow_run.name, state, output, request.timeout_seconds()))
@@ -447,5 +500,13 @@ impl JobRunner {
             warn!(%error, "cancelling the flow run failed");
         }
         JobError::Cancelled { flow_run_id }
+    }
+}
+
+/// Sleeps until `at`, or forever when it is `None`.
+async fn sleep_until_if_set(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -97,12 +97,13 @@ impl JobServer {
         to_call_tool_result(run_job(&self.runner, params, &cancel).await)
     }
 
-    /// Reports the events subscription's state and the number of waiting jobs.
+    /// Reports the wait mode, the events subscription, waiting jobs and the service's counters.
     #[tool(
         name = "runner_status",
-        description = "Report the service's link to Prefect: the events websocket's mode \
-                       (subscribed, backing_off, polling...), connections made, events received, \
-                       REST polls, and how many jobs are waiting."
+        description = "Report the service's link to Prefect: the wait mode (events or poll), \
+                       the events websocket's mode (subscribed, backing_off, polling...), \
+                       connections made, events received, REST polls, REST requests sent, \
+                       how many jobs are waiting, and the service's peak memory in KiB."
     )]
     async fn runner_status(&self) -> CallToolResult {
         let status = self.runner.status();

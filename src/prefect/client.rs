@@ -1,5 +1,6 @@
 //! HTTP client for the parts of the Prefect REST API this service uses.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -84,6 +85,8 @@ pub struct PrefectClient {
     /// Bounds the writes in flight, because SQLite serializes writers and a burst of
     /// concurrent creations mostly earns 503s.
     write_permits: Semaphore,
+    /// HTTP requests sent since start-up, retries included.
+    requests_sent: AtomicU64,
 }
 
 impl PrefectClient {
@@ -109,7 +112,13 @@ impl PrefectClient {
             retry,
             deployment_ids: DashMap::new(),
             write_permits: Semaphore::new(config.max_concurrent_writes),
+            requests_sent: AtomicU64::new(0),
         })
+    }
+
+    /// Number of HTTP requests sent since start-up, each retry counted, failed ones included.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests_sent.load(Ordering::Relaxed)
     }
 
     /// Returns the REST base URL, ending in `/api`.
@@ -269,6 +278,7 @@ impl PrefectClient {
             request = request.json(body);
         }
         let unreachable = |error| PrefectError::unreachable(&self.api_url, error, self.request_timeout);
+        self.requests_sent.fetch_add(1, Ordering::Relaxed);
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
@@ -396,6 +406,26 @@ mod tests {
         assert!(!dropped.is_refused());
         assert!(policy.allows_retry(&dropped, 20, Duration::from_secs(59)));
         assert!(!policy.allows_retry(&dropped, 20, Duration::from_secs(60)));
+    }
+
+    #[tokio::test]
+    async fn every_attempt_is_counted_as_a_request() {
+        // A port that was just bound and released refuses connections.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let config = Config { api_url: format!("http://{address}/api"), ..Config::default() };
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            overload_budget: Duration::ZERO,
+            initial_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(1),
+        };
+        let client = PrefectClient::new(&config, retry).unwrap();
+
+        assert!(client.health().await.is_err());
+
+        assert_eq!(client.requests_sent(), 3);
     }
 
     #[test]

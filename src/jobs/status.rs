@@ -1,0 +1,54 @@
+//! What `runner_status` reports about the service.
+
+use serde::Serialize;
+
+use crate::config::WaitMode;
+use crate::events::SubscriptionStatus;
+
+/// Runner state that an operator needs to see.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunnerStatus {
+    pub api_url: String,
+    pub deployment: String,
+    pub wait_mode: WaitMode,
+    /// The events websocket's state; `None` in `poll` mode, which opens no websocket.
+    pub subscription: Option<SubscriptionStatus>,
+    /// Jobs currently waiting for their flow run to finish.
+    pub waiting_runs: usize,
+    /// REST requests sent to Prefect since start-up, retries included.
+    pub rest_requests: u64,
+    /// Peak resident memory of the service process (`VmHWM`), in KiB; `None` without `/proc`.
+    pub peak_memory_kib: Option<u64>,
+}
+
+/// Reads the process's peak resident set size from `/proc/self/status`.
+pub fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let value = status.lines().find_map(|line| line.strip_prefix("VmHWM:"))?;
+    value.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm_is_read_in_kib() {
+        let status = "Name:\tk3s-job-runner\nVmPeak:\t  123456 kB\nVmHWM:\t    8412 kB\nVmRSS:\t 8000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(8412));
+    }
+
+    #[test]
+    fn missing_vm_hwm_gives_none() {
+        assert_eq!(parse_vm_hwm("Name:\tx\nVmRSS:\t 8000 kB\n"), None);
+    }
+
+    #[test]
+    fn own_peak_memory_is_positive() {
+        assert!(peak_memory_kib().is_some_and(|kib| kib > 0));
+    }
+}
