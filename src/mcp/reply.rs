@@ -44,6 +44,7 @@ impl JobReply {
                 "status": outcome.status.as_str(),
                 "sandbox": outcome.output.as_ref().and_then(|output| output.sandbox.clone()),
                 "limits": outcome.output.as_ref().and_then(|output| output.limits.clone()),
+                "duration_ms": outcome.output.as_ref().map(|output| output.duration_ms),
             },
             "meta_data": meta_data(is_error, facts, Some(&flow_run_id)),
         });
@@ -84,6 +85,7 @@ impl JobReply {
                 "status": status,
                 "sandbox": null,
                 "limits": null,
+                "duration_ms": null,
             },
             "meta_data": meta_data(true, facts, flow_run_id),
         });
