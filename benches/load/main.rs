@@ -26,7 +26,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use machine::Machine;
-use report::{check_targets, render_steps, render_table, render_targets, Batch, ModeReport, Ratios, StepStats};
+use report::{
+    check_targets, render_steps, render_table, render_targets, Batch, ModeReport, Ratios, StepStats,
+};
 use service::{JobSample, Service, ServiceSettings};
 use timeline::{breakdown, slot_free_times, PrefectReader, Timeline};
 
@@ -83,6 +85,10 @@ struct Options {
     /// The k3s-job-runner binary; by default the one Cargo built for this bench.
     #[arg(long, default_value = env!("CARGO_BIN_EXE_k3s-job-runner"))]
     service: PathBuf,
+    /// Extra environment of the services, as NAME=VALUE; repeat for several, for example
+    /// --service-env K3S_JOB_RUNNER_MAX_CONCURRENT_WRITES=1.
+    #[arg(long, value_parser = parse_env_pair)]
+    service_env: Vec<(String, String)>,
     /// TrueType font for the plot's text; by default DejaVu Sans from the system.
     #[arg(long)]
     font: Option<PathBuf>,
@@ -107,6 +113,13 @@ impl Options {
         options.single_jobs = 1;
         options.out = options.out.join("check");
         Ok(options)
+    }
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
     }
 }
 
@@ -153,7 +166,10 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
         bail!("--modes needs at least one of events, poll");
     }
     if !options.service.exists() {
-        bail!("the service binary {} does not exist; build it with cargo build --release", options.service.display());
+        bail!(
+            "the service binary {} does not exist; build it with cargo build --release",
+            options.service.display()
+        );
     }
     let logs = options.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -167,6 +183,7 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
         tag: format!("k3s-job-runner-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
         poll_interval_ms: options.poll_interval_ms,
         startup_allowance_seconds: 3600,
+        extra_env: options.service_env.clone(),
     };
     eprintln!(
         "load: {} jobs x {} rounds, modes {:?}, code {:?}, pool concurrency limit {}, tag {}",
@@ -208,7 +225,10 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
     let targets = check_targets(events, ratios.as_ref());
     let single_steps = StepStats::from(&single.breakdowns);
 
-    println!("\nk3s-job-runner load: {} concurrent jobs x {} rounds, code {:?}", options.jobs, options.rounds, options.code);
+    println!(
+        "\nk3s-job-runner load: {} concurrent jobs x {} rounds, code {:?}",
+        options.jobs, options.rounds, options.code
+    );
     println!(
         "machine: {} ({} cores, {} MiB), load average at start {}\n",
         machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
@@ -224,10 +244,13 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
 
     let samples = json!(modes
         .iter()
-        .map(|report| (report.mode.as_str().to_owned(), json!({
-            "end_to_end_ms": report.end_to_end_samples,
-            "completion_ms": report.completion_samples,
-        })))
+        .map(|report| (
+            report.mode.as_str().to_owned(),
+            json!({
+                "end_to_end_ms": report.end_to_end_samples,
+                "completion_ms": report.completion_samples,
+            })
+        ))
         .collect::<serde_json::Map<_, _>>());
     let report = Report {
         machine: &machine,
@@ -243,6 +266,7 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
             "pool_concurrency_limit": pool_limit,
             "service": options.service,
             "startup_allowance_seconds": settings.startup_allowance_seconds,
+            "service_env": options.service_env,
         }),
         modes: &modes,
         ratios: ratios.as_ref(),
@@ -281,13 +305,21 @@ fn check_report(modes: &[ModeReport], json_path: &Path, plotted: bool) -> bool {
     for report in modes {
         let measured = report.completion_samples.len() == report.jobs;
         if !measured {
-            eprintln!("load check: {} mode measured {} of {} jobs", report.mode.as_str(), report.completion_samples.len(), report.jobs);
+            eprintln!(
+                "load check: {} mode measured {} of {} jobs",
+                report.mode.as_str(),
+                report.completion_samples.len(),
+                report.jobs
+            );
         }
         ok &= measured;
     }
     if let Some(events) = modes.iter().find(|report| report.mode == WaitMode::Events) {
         if events.max_websocket_connections_per_service != 1 {
-            eprintln!("load check: events mode made {} websocket connections", events.max_websocket_connections_per_service);
+            eprintln!(
+                "load check: events mode made {} websocket connections",
+                events.max_websocket_connections_per_service
+            );
             ok = false;
         }
     }
@@ -306,8 +338,16 @@ fn draw_plot(options: &Options, modes: &mut [ModeReport], path: &Path) -> Result
             })
             .collect()
     };
-    let title = format!("k3s-job-runner: {} concurrent jobs x {} rounds, {:?}", options.jobs, options.rounds, options.code);
-    plot::draw(path, &title, &series(|report| &report.end_to_end_samples), &series(|report| &report.completion_samples))
+    let title = format!(
+        "k3s-job-runner: {} concurrent jobs x {} rounds, {:?}",
+        options.jobs, options.rounds, options.code
+    );
+    plot::draw(
+        path,
+        &title,
+        &series(|report| &report.end_to_end_samples),
+        &series(|report| &report.completion_samples),
+    )
 }
 
 /// Runs `single_jobs` jobs one after another in events mode, so the breakdown of one job on
@@ -324,7 +364,13 @@ async fn run_single_jobs(
     let mut samples = Vec::new();
     for index in 0..options.single_jobs as usize {
         let sample = service.run_job(index, &options.code, options.timeout_seconds).await;
-        eprintln!("single job {}/{}: {} in {:.0} ms", index + 1, options.single_jobs, sample.status, sample.end_to_end_ms());
+        eprintln!(
+            "single job {}/{}: {} in {:.0} ms",
+            index + 1,
+            options.single_jobs,
+            sample.status,
+            sample.end_to_end_ms()
+        );
         samples.push(sample);
     }
     service.stop().await;
@@ -333,6 +379,7 @@ async fn run_single_jobs(
         round: 0,
         wall_seconds: 0.0,
         rest_requests: 0,
+        rest_retries: 0,
         websocket_connections: 0,
         peak_memory_kib: None,
         samples,
@@ -356,7 +403,8 @@ async fn run_batch(
     let before = service.wait_until_ready(mode).await?;
     let progress = Arc::new(Progress::default());
     let started = Instant::now();
-    let ticker = tokio::spawn(report_progress(Arc::clone(&progress), label.to_owned(), options.jobs as usize));
+    let ticker =
+        tokio::spawn(report_progress(Arc::clone(&progress), label.to_owned(), options.jobs as usize));
 
     let jobs = (0..options.jobs as usize).map(|index| {
         let service = &service;
@@ -380,12 +428,13 @@ async fn run_batch(
 
     let after = service.status().await?;
     service.stop().await;
-    let count = |status: &serde_json::Value| status["rest_requests"].as_u64().unwrap_or(0);
+    let count = |status: &serde_json::Value, name: &str| status[name].as_u64().unwrap_or(0);
     Ok(Batch {
         mode,
         round: round + 1,
         wall_seconds,
-        rest_requests: count(&after).saturating_sub(count(&before)),
+        rest_requests: count(&after, "rest_requests").saturating_sub(count(&before, "rest_requests")),
+        rest_retries: count(&after, "rest_retries").saturating_sub(count(&before, "rest_retries")),
         websocket_connections: after["subscription"]["connections"].as_u64().unwrap_or(0),
         peak_memory_kib: after["peak_memory_kib"].as_u64(),
         samples,
@@ -396,7 +445,7 @@ async fn run_batch(
 
 async fn report_progress(progress: Arc<Progress>, label: String, total: usize) {
     let started = Instant::now();
-    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
     loop {
         interval.tick().await;
         eprintln!(

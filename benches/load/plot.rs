@@ -30,9 +30,7 @@ pub fn register_font(explicit: Option<&Path>) -> Result<PathBuf> {
     let path = match explicit {
         Some(path) => path.to_owned(),
         None => FONT_CANDIDATES.iter().map(PathBuf::from).find(|path| path.exists()).ok_or_else(|| {
-            anyhow!(
-                "no TrueType font found in {FONT_CANDIDATES:?}; install fonts-dejavu-core or pass --font"
-            )
+            anyhow!("no TrueType font found in {FONT_CANDIDATES:?}; install fonts-dejavu-core or pass --font")
         })?,
     };
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read the font {}", path.display()))?;
@@ -67,12 +65,7 @@ pub fn draw(path: &Path, title: &str, end_to_end: &[Series<'_>], completion: &[S
         .y_label_area_size(55)
         .build_cartesian_2d(0f64..e2e_max, 0f64..100f64)
         .map_err(plot_error)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .y_desc("% of jobs at or below")
-        .draw()
-        .map_err(plot_error)?;
+    chart.configure_mesh().x_desc("seconds").y_desc("% of jobs at or below").draw().map_err(plot_error)?;
     draw_curves(&mut chart, &seconds)?;
 
     let smallest = min_of(completion);
@@ -109,8 +102,11 @@ where
         // Latencies are positive; anything else cannot sit on the log axis.
         sorted.retain(|value| value.is_finite() && *value > 0.0);
         sorted.sort_by(f64::total_cmp);
+        // A step curve: at each sample the share of jobs at or below it rises by one job.
         let count = sorted.len() as f64;
-        let points = sorted.iter().enumerate().map(|(index, value)| (*value, (index + 1) as f64 / count * 100.0));
+        let points = sorted.iter().enumerate().flat_map(|(index, value)| {
+            [(*value, index as f64 / count * 100.0), (*value, (index + 1) as f64 / count * 100.0)]
+        });
         let color = curve.color;
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
@@ -129,7 +125,11 @@ where
 }
 
 fn max_of(series: &[Series<'_>]) -> f64 {
-    series.iter().flat_map(|curve| curve.samples.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max)
+    series
+        .iter()
+        .flat_map(|curve| curve.samples.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
 }
 
 fn min_of(series: &[Series<'_>]) -> f64 {

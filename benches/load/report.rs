@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::service::JobSample;
 use crate::stats::{summarize, Summary};
 use crate::timeline::{Breakdown, Timeline};
-use crate::service::JobSample;
 use crate::WaitMode;
 
 /// One batch: N concurrent jobs through one service process in one mode.
@@ -17,6 +17,8 @@ pub struct Batch {
     pub wall_seconds: f64,
     /// REST requests the service sent during the batch, from its `runner_status`.
     pub rest_requests: u64,
+    /// Of those, retries of failed requests, mostly HTTP 503 from a busy SQLite.
+    pub rest_retries: u64,
     /// Websocket connections the service made since it started.
     pub websocket_connections: u64,
     pub peak_memory_kib: Option<u64>,
@@ -39,7 +41,7 @@ impl StepStats {
     pub fn from(breakdowns: &[Breakdown]) -> Self {
         let mut stats = Self::default();
         for (name, step) in STEPS {
-            let samples: Vec<f64> = breakdowns.iter().filter_map(|breakdown| step(breakdown)).collect();
+            let samples: Vec<f64> = breakdowns.iter().filter_map(step).collect();
             if let Some(summary) = summarize(&samples) {
                 stats.p50.insert(name, summary.p50);
                 stats.p95.insert(name, summary.p95);
@@ -73,7 +75,9 @@ pub struct ModeReport {
     pub end_to_end_ms: Option<Summary>,
     /// Terminal state's timestamp in Prefect to the tool result's arrival.
     pub completion_ms: Option<Summary>,
+    /// REST requests per job, retries included.
     pub rest_requests_per_job: f64,
+    pub rest_retries_per_job: f64,
     pub websocket_connections_per_job: f64,
     pub max_websocket_connections_per_service: u64,
     pub peak_memory_kib: Option<u64>,
@@ -107,6 +111,7 @@ impl ModeReport {
             end_to_end_ms: summarize(&end_to_end_samples),
             completion_ms: summarize(&completion_samples),
             rest_requests_per_job: per_job(batches.iter().map(|batch| batch.rest_requests).sum()),
+            rest_retries_per_job: per_job(batches.iter().map(|batch| batch.rest_retries).sum()),
             websocket_connections_per_job: per_job(
                 batches.iter().map(|batch| batch.websocket_connections).sum(),
             ),
@@ -141,15 +146,20 @@ impl Ratios {
             (Some(poll), Some(events)) if events > 0.0 => Some(poll / events),
             _ => None,
         };
-        let completion = |report: &ModeReport, pick: fn(&Summary) -> f64| report.completion_ms.as_ref().map(pick);
-        let end_to_end = |report: &ModeReport, pick: fn(&Summary) -> f64| report.end_to_end_ms.as_ref().map(pick);
+        let completion =
+            |report: &ModeReport, pick: fn(&Summary) -> f64| report.completion_ms.as_ref().map(pick);
+        let end_to_end =
+            |report: &ModeReport, pick: fn(&Summary) -> f64| report.end_to_end_ms.as_ref().map(pick);
         Self {
             completion_p50: ratio(completion(poll, |s| s.p50), completion(events, |s| s.p50)),
             completion_p95: ratio(completion(poll, |s| s.p95), completion(events, |s| s.p95)),
             completion_p99: ratio(completion(poll, |s| s.p99), completion(events, |s| s.p99)),
             end_to_end_p50: ratio(end_to_end(poll, |s| s.p50), end_to_end(events, |s| s.p50)),
             end_to_end_p99: ratio(end_to_end(poll, |s| s.p99), end_to_end(events, |s| s.p99)),
-            rest_requests_per_job: ratio(Some(poll.rest_requests_per_job), Some(events.rest_requests_per_job)),
+            rest_requests_per_job: ratio(
+                Some(poll.rest_requests_per_job),
+                Some(events.rest_requests_per_job),
+            ),
         }
     }
 }
@@ -163,7 +173,8 @@ pub struct TargetCheck {
 }
 
 pub fn check_targets(events: Option<&ModeReport>, ratios: Option<&Ratios>) -> Vec<TargetCheck> {
-    let completion = |pick: fn(&Summary) -> f64| events.and_then(|report| report.completion_ms.as_ref().map(pick));
+    let completion =
+        |pick: fn(&Summary) -> f64| events.and_then(|report| report.completion_ms.as_ref().map(pick));
     let check = |target, measured: Option<f64>, met: fn(f64) -> bool| TargetCheck {
         target,
         measured,
@@ -190,13 +201,17 @@ pub fn check_targets(events: Option<&ModeReport>, ratios: Option<&Ratios>) -> Ve
     ]
 }
 
+type SummaryOf = fn(&ModeReport) -> Option<&Summary>;
+type Pick = fn(&Summary) -> f64;
+type ValueOf = fn(&ModeReport) -> Option<f64>;
+
 /// Renders the comparison table printed at the end of a run.
 pub fn render_table(reports: &[ModeReport], ratios: Option<&Ratios>) -> String {
     let mut out = String::new();
     let header: Vec<String> = reports.iter().map(|report| report.mode.as_str().to_owned()).collect();
     let with_ratio = ratios.is_some();
     push_row(&mut out, "", &header, with_ratio.then_some("poll/events"));
-    let summary_rows: [(&str, fn(&ModeReport) -> Option<&Summary>, fn(&Summary) -> f64); 8] = [
+    let summary_rows: [(&str, SummaryOf, Pick); 8] = [
         ("end-to-end p50 (ms)", |r| r.end_to_end_ms.as_ref(), |s| s.p50),
         ("end-to-end p95 (ms)", |r| r.end_to_end_ms.as_ref(), |s| s.p95),
         ("end-to-end p99 (ms)", |r| r.end_to_end_ms.as_ref(), |s| s.p99),
@@ -210,8 +225,9 @@ pub fn render_table(reports: &[ModeReport], ratios: Option<&Ratios>) -> String {
         let values: Vec<Option<f64>> = reports.iter().map(|report| summary(report).map(pick)).collect();
         push_values(&mut out, label, &values, with_ratio);
     }
-    let plain_rows: [(&str, fn(&ModeReport) -> Option<f64>); 6] = [
+    let plain_rows: [(&str, ValueOf); 7] = [
         ("REST requests per job", |r| Some(r.rest_requests_per_job)),
+        ("  of which retries", |r| Some(r.rest_retries_per_job)),
         ("websocket connections per job", |r| Some(r.websocket_connections_per_job)),
         ("websocket connections per service", |r| Some(r.max_websocket_connections_per_service as f64)),
         ("service peak memory (MiB)", |r| r.peak_memory_kib.map(|kib| kib as f64 / 1024.0)),
@@ -231,7 +247,8 @@ pub fn render_steps(columns: &[(&str, &StepStats)]) -> String {
     let header: Vec<String> = columns.iter().map(|(name, _)| format!("{name} p50")).collect();
     push_row(&mut out, "step (ms)", &header, None);
     for (name, _) in STEPS {
-        let values: Vec<Option<f64>> = columns.iter().map(|(_, stats)| stats.p50.get(name).copied()).collect();
+        let values: Vec<Option<f64>> =
+            columns.iter().map(|(_, stats)| stats.p50.get(name).copied()).collect();
         push_values(&mut out, name, &values, false);
     }
     out
@@ -252,7 +269,8 @@ pub fn render_targets(targets: &[TargetCheck]) -> String {
 }
 
 fn push_values(out: &mut String, label: &str, values: &[Option<f64>], with_ratio: bool) {
-    let cells: Vec<String> = values.iter().map(|value| value.map_or_else(|| "n/a".to_owned(), format_number)).collect();
+    let cells: Vec<String> =
+        values.iter().map(|value| value.map_or_else(|| "n/a".to_owned(), format_number)).collect();
     let ratio = with_ratio.then(|| match values {
         [Some(events), Some(poll)] if *events > 0.0 => format!("{:.1}x", poll / events),
         _ => "n/a".to_owned(),
@@ -272,7 +290,7 @@ fn push_row(out: &mut String, label: &str, cells: &[String], ratio: Option<&str>
 }
 
 fn format_number(value: f64) -> String {
-    if value.abs() >= 100.0 {
+    if value.fract() == 0.0 || value.abs() >= 100.0 {
         format!("{value:.0}")
     } else if value.abs() >= 1.0 {
         format!("{value:.2}")

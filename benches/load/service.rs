@@ -28,6 +28,8 @@ pub struct ServiceSettings {
     pub poll_interval_ms: u64,
     /// Start-up allowance, long enough for the last of many queued jobs to start.
     pub startup_allowance_seconds: u64,
+    /// Further environment variables for the service, applied last.
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A job as the harness saw it.
@@ -81,7 +83,8 @@ impl Service {
                     "K3S_JOB_RUNNER_STARTUP_ALLOWANCE_SECONDS",
                     settings.startup_allowance_seconds.to_string(),
                 )
-                .env("RUST_LOG", "info");
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
+                .envs(settings.extra_env.iter().map(|(name, value)| (name, value)));
         });
         let (transport, _) = TokioChildProcess::builder(command)
             .stderr(Stdio::from(log))

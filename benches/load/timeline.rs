@@ -117,43 +117,42 @@ impl PrefectReader {
     }
 }
 
-/// Returns when a slot of the pool became free for each job of one batch. A run holds a
-/// slot from Pending to its terminal state, and a job waits for a slot from its creation
-/// until fewer than `limit` other runs hold one.
+/// Returns, for each job of one batch, when the work pool first had a free slot for it.
+///
+/// Prefect counts a run against the pool's concurrency limit from Pending until its terminal
+/// state. With `limit` slots, the i-th run to go Pending can do so only once i - limit runs
+/// have ended, whichever slots they held, so its slot was free at the later of its creation
+/// and the (i - limit)-th end. Time before that is queueing; time after it is pick-up.
 ///
 /// NOTE: only the batch's own runs are counted, so runs from other clients on the same pool
 /// show up as pick-up time instead of queueing.
 pub fn slot_free_times(timelines: &[Option<Timeline>], limit: Option<u64>) -> Vec<Option<DateTime<Utc>>> {
-    let holds: Vec<(DateTime<Utc>, DateTime<Utc>)> = timelines
+    let mut free_at: Vec<Option<DateTime<Utc>>> =
+        timelines.iter().map(|timeline| timeline.as_ref().map(|timeline| timeline.scheduled_at)).collect();
+    let Some(limit) = limit.map(|limit| limit as usize) else { return free_at };
+    let mut ends: Vec<DateTime<Utc>> = timelines
         .iter()
         .flatten()
-        .filter_map(|timeline| Some((timeline.pending_at?, timeline.terminal_at?)))
+        .filter(|timeline| timeline.pending_at.is_some())
+        .filter_map(|timeline| timeline.terminal_at)
         .collect();
-    timelines
+    ends.sort();
+    let mut starts: Vec<(usize, DateTime<Utc>)> = timelines
         .iter()
-        .map(|timeline| {
-            let timeline = timeline.as_ref()?;
-            let Some(limit) = limit else { return Some(timeline.scheduled_at) };
-            let own_hold = timeline.pending_at.zip(timeline.terminal_at);
-            let held_at = |moment: DateTime<Utc>| {
-                holds
-                    .iter()
-                    .filter(|hold| Some(**hold) != own_hold)
-                    .filter(|(start, end)| *start <= moment && moment < *end)
-                    .count() as u64
-            };
-            let mut candidates: Vec<DateTime<Utc>> = holds
-                .iter()
-                .map(|(_, end)| *end)
-                .filter(|end| *end > timeline.scheduled_at)
-                .collect();
-            candidates.push(timeline.scheduled_at);
-            candidates.sort();
-            let free_at = candidates.into_iter().find(|moment| held_at(*moment) < limit)?;
-            // Clock rounding can put the computed moment after the run's own pick-up.
-            Some(timeline.pending_at.map_or(free_at, |pending| free_at.min(pending)))
-        })
-        .collect()
+        .enumerate()
+        .filter_map(|(index, timeline)| Some((index, timeline.as_ref()?.pending_at?)))
+        .collect();
+    starts.sort_by_key(|(_, pending_at)| *pending_at);
+    for (rank, (index, pending_at)) in starts.into_iter().enumerate() {
+        let Some(scheduled_at) = free_at[index] else { continue };
+        let slot = match rank.checked_sub(limit) {
+            Some(end_rank) => ends.get(end_rank).map_or(scheduled_at, |end| scheduled_at.max(*end)),
+            None => scheduled_at,
+        };
+        // Timestamps come from different processes, so clamp to the run's own pick-up.
+        free_at[index] = Some(slot.min(pending_at));
+    }
+    free_at
 }
 
 /// Cuts a job's time into steps.
@@ -163,9 +162,8 @@ pub fn breakdown(
     slot_free_at: Option<DateTime<Utc>>,
 ) -> Breakdown {
     let Some(timeline) = timeline else { return Breakdown::default() };
-    let between = |start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>| {
-        Some(milliseconds_between(start?, end?))
-    };
+    let between =
+        |start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>| Some(milliseconds_between(start?, end?));
     let code = sample.code_ms.map(|ms| ms as f64);
     let running_to_end = between(timeline.running_at, timeline.terminal_at);
     Breakdown {

@@ -167,6 +167,7 @@ impl JobRunner {
             subscription: self.subscription.as_ref().map(SubscriptionHandle::status),
             waiting_runs: self.registry.len(),
             rest_requests: self.client.requests_sent(),
+            rest_retries: self.client.retries_sent(),
             peak_memory_kib: peak_memory_kib(),
         }
     }

@@ -17,6 +17,8 @@ pub struct RunnerStatus {
     pub waiting_runs: usize,
     /// REST requests sent to Prefect since start-up, retries included.
     pub rest_requests: u64,
+    /// Of those, retries of failed requests (mostly HTTP 503 while SQLite is busy).
+    pub rest_retries: u64,
     /// Peak resident memory of the service process (`VmHWM`), in KiB; `None` without `/proc`.
     pub peak_memory_kib: Option<u64>,
 }

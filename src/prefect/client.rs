@@ -82,11 +82,15 @@ pub struct PrefectClient {
     request_timeout: Duration,
     retry: RetryPolicy,
     deployment_ids: DashMap<String, Uuid>,
+    /// Held while a deployment is looked up, so concurrent jobs wait for one lookup.
+    lookup_lock: tokio::sync::Mutex<()>,
     /// Bounds the writes in flight, because SQLite serializes writers and a burst of
     /// concurrent creations mostly earns 503s.
     write_permits: Semaphore,
     /// HTTP requests sent since start-up, retries included.
     requests_sent: AtomicU64,
+    /// Of those, the retries of a failed request.
+    retries_sent: AtomicU64,
 }
 
 impl PrefectClient {
@@ -111,14 +115,21 @@ impl PrefectClient {
             request_timeout: config.request_timeout,
             retry,
             deployment_ids: DashMap::new(),
+            lookup_lock: tokio::sync::Mutex::new(()),
             write_permits: Semaphore::new(config.max_concurrent_writes),
             requests_sent: AtomicU64::new(0),
+            retries_sent: AtomicU64::new(0),
         })
     }
 
     /// Number of HTTP requests sent since start-up, each retry counted, failed ones included.
     pub fn requests_sent(&self) -> u64 {
         self.requests_sent.load(Ordering::Relaxed)
+    }
+
+    /// Number of those requests that retried a failed one.
+    pub fn retries_sent(&self) -> u64 {
+        self.retries_sent.load(Ordering::Relaxed)
     }
 
     /// Returns the REST base URL, ending in `/api`.
@@ -140,6 +151,11 @@ impl PrefectClient {
     /// # Errors
     /// Returns [`PrefectError::DeploymentNotFound`] on 404, otherwise the request's failure.
     pub async fn deployment_id(&self, name: &str) -> Result<Uuid, PrefectError> {
+        if let Some(id) = self.deployment_ids.get(name) {
+            return Ok(*id);
+        }
+        // One lookup at a time, so a burst of first jobs sends one request, not one each.
+        let _lookup = self.lookup_lock.lock().await;
         if let Some(id) = self.deployment_ids.get(name) {
             return Ok(*id);
         }
@@ -260,6 +276,7 @@ impl PrefectClient {
                     debug!(%method, path, attempt, ?delay, %error, "retrying Prefect API request");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
+                    self.retries_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 result => return result,
             }
@@ -426,6 +443,7 @@ mod tests {
         assert!(client.health().await.is_err());
 
         assert_eq!(client.requests_sent(), 3);
+        assert_eq!(client.retries_sent(), 2);
     }
 
     #[test]
