@@ -54,14 +54,15 @@ impl StepStats {
 type Step = fn(&Breakdown) -> Option<f64>;
 
 /// Steps of a job in the order they happen.
-pub const STEPS: [(&str, Step); 7] = [
+pub const STEPS: [(&str, Step); 8] = [
     ("submit", |b| b.submit),
     ("queueing", |b| b.queueing),
     ("pickup", |b| b.pickup),
     ("process_start", |b| b.process_start),
     ("code", |b| b.code),
     ("flow_overhead", |b| b.flow_overhead),
-    ("notification", |b| b.notification),
+    ("notice", |b| b.notice),
+    ("result", |b| b.result),
 ];
 
 /// Everything measured for one wait mode, over all its batches.
@@ -72,6 +73,8 @@ pub struct ModeReport {
     /// Jobs whose code did not run to an ending (any status but `completed` and `error`).
     pub failures: usize,
     pub statuses: BTreeMap<String, usize>,
+    /// How the service learned of each run's end: `event` or `poll`.
+    pub completed_via: BTreeMap<String, usize>,
     pub end_to_end_ms: Option<Summary>,
     /// Terminal state's timestamp in Prefect to the tool result's arrival.
     pub completion_ms: Option<Summary>,
@@ -95,11 +98,14 @@ impl ModeReport {
         let breakdowns: Vec<Breakdown> =
             batches.iter().flat_map(|batch| batch.breakdowns.iter().copied()).collect();
         let mut statuses = BTreeMap::new();
+        let mut completed_via = BTreeMap::new();
         for sample in &samples {
             *statuses.entry(sample.status.clone()).or_insert(0) += 1;
+            let via = sample.completed_via.clone().unwrap_or_else(|| "unknown".to_owned());
+            *completed_via.entry(via).or_insert(0) += 1;
         }
         let end_to_end_samples: Vec<f64> = samples.iter().map(|sample| sample.end_to_end_ms()).collect();
-        let completion_samples: Vec<f64> = breakdowns.iter().filter_map(|step| step.notification).collect();
+        let completion_samples: Vec<f64> = breakdowns.iter().filter_map(|step| step.completion).collect();
         let jobs = samples.len();
         let per_job = |total: u64| if jobs == 0 { 0.0 } else { total as f64 / jobs as f64 };
         let wall: f64 = batches.iter().map(|batch| batch.wall_seconds).sum();
@@ -108,6 +114,7 @@ impl ModeReport {
             jobs,
             failures: samples.iter().filter(|sample| !sample.ran()).count(),
             statuses,
+            completed_via,
             end_to_end_ms: summarize(&end_to_end_samples),
             completion_ms: summarize(&completion_samples),
             rest_requests_per_job: per_job(batches.iter().map(|batch| batch.rest_requests).sum()),

@@ -43,6 +43,10 @@ pub struct JobSample {
     pub flow_run_id: Option<Uuid>,
     /// Run time of the sandboxed process, as the flow timed it.
     pub code_ms: Option<u64>,
+    /// When the service learned of the run's end, from the reply's `meta_data`.
+    pub end_seen_at: Option<DateTime<Utc>>,
+    /// `event` or `poll`: how the service learned of the end.
+    pub completed_via: Option<String>,
     pub error: Option<String>,
 }
 
@@ -142,11 +146,17 @@ impl Service {
             status: "call_failed".to_owned(),
             flow_run_id: None,
             code_ms: None,
+            end_seen_at: None,
+            completed_via: None,
             error: None,
         };
         match result {
             Ok(result) => {
-                let results = result.structured_content.unwrap_or_default()["results"].take();
+                let mut content = result.structured_content.unwrap_or_default();
+                let meta_data = content["meta_data"].take();
+                sample.end_seen_at = meta_data["end_seen_at"].as_str().and_then(|at| at.parse().ok());
+                sample.completed_via = meta_data["completed_via"].as_str().map(str::to_owned);
+                let results = content["results"].take();
                 sample.status = results["status"].as_str().unwrap_or("no_status").to_owned();
                 sample.flow_run_id = results["flow_run_id"].as_str().and_then(|id| id.parse().ok());
                 sample.code_ms = results["duration_ms"].as_u64();

@@ -48,8 +48,15 @@ pub struct Breakdown {
     /// Running to the terminal state, minus the code: sandbox set-up, storing the artifact,
     /// proposing the state.
     pub flow_overhead: Option<f64>,
-    /// Terminal state recorded to tool result returned: the completion latency.
-    pub notification: Option<f64>,
+    /// Terminal state recorded to the service learning of it: Prefect's commit and event
+    /// delivery in `events` mode, the wait for the next read in `poll` mode.
+    pub notice: Option<f64>,
+    /// The service learning of the end to the tool result arriving: reading the result
+    /// artifact and replying over MCP.
+    pub result: Option<f64>,
+    /// Terminal state recorded to tool result returned: the completion latency, the sum of
+    /// `notice` and `result`.
+    pub completion: Option<f64>,
 }
 
 impl PrefectReader {
@@ -173,6 +180,8 @@ pub fn breakdown(
         process_start: between(timeline.pending_at, timeline.running_at),
         code,
         flow_overhead: running_to_end.zip(code).map(|(total, code)| total - code),
-        notification: between(timeline.terminal_at, Some(sample.returned_at)),
+        notice: between(timeline.terminal_at, sample.end_seen_at),
+        result: between(sample.end_seen_at, Some(sample.returned_at)),
+        completion: between(timeline.terminal_at, Some(sample.returned_at)),
     }
 }

@@ -8,7 +8,7 @@ mod runner;
 mod status;
 
 pub use error::JobError;
-pub use outcome::{JobOutcome, JobStatus};
+pub use outcome::{JobOutcome, JobStatus, LearnedEnd};
 pub use request::{InvalidRequest, JobRequest};
 pub use runner::JobRunner;
 pub use status::{peak_memory_kib, RunnerStatus};

@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::prefect::{RunOutput, State, StateType};
+use crate::waiters::CompletionSource;
 
 /// Ending of a job, as a caller should read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,6 +58,15 @@ pub struct JobOutcome {
     /// Time from the request to the result.
     pub elapsed: Duration,
     pub timeout_seconds: u64,
+    /// How and when the service learned that the run ended; `None` when it gave up waiting.
+    pub learned: Option<LearnedEnd>,
+}
+
+/// How and when the service learned of a run's terminal state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LearnedEnd {
+    pub source: CompletionSource,
+    pub at: DateTime<Utc>,
 }
 
 impl JobOutcome {
@@ -77,6 +88,7 @@ impl JobOutcome {
             message,
             elapsed: Duration::ZERO,
             timeout_seconds,
+            learned: None,
         }
     }
 

@@ -12,7 +12,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use super::status::{peak_memory_kib, RunnerStatus};
-use super::{JobError, JobOutcome, JobRequest, JobStatus};
+use super::{JobError, JobOutcome, JobRequest, JobStatus, LearnedEnd};
 use crate::backoff::Backoff;
 use crate::config::{Config, WaitMode};
 use crate::events::{Mode, Subscription, SubscriptionHandle};
@@ -247,7 +247,12 @@ impl JobRunner {
         let end = self.wait_for_terminal(&mut waiter, request, cancel, events_cover_gap).await;
         guard.disarm();
         match end {
-            WaitEnd::Finished { state, source } => self.finish(flow_run, state, source, request).await,
+            WaitEnd::Finished { state, source } => {
+                let learned = LearnedEnd { source, at: chrono::Utc::now() };
+                let mut outcome = self.finish(flow_run, state, source, request).await?;
+                outcome.learned = Some(learned);
+                Ok(outcome)
+            }
             WaitEnd::DeadlinePassed { reason } => Ok(self.give_up(flow_run, request, &reason).await),
             WaitEnd::CallerCancelled => Err(self.cancel_for_caller(flow_run.id).await),
             WaitEnd::RegistryClosed => Err(self.cancel_for_shutdown(flow_run.id).await),
@@ -482,6 +487,7 @@ impl JobRunner {
             message: Some(message),
             elapsed: Duration::ZERO,
             timeout_seconds: request.timeout_seconds(),
+            learned: None,
         }
     }
 

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use crate::jobs::{InvalidRequest, JobError, JobOutcome};
 use crate::prefect::RunOutput;
+use crate::waiters::CompletionSource;
 
 /// A tool result before it becomes an MCP `CallToolResult`.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +47,7 @@ impl JobReply {
                 "limits": outcome.output.as_ref().and_then(|output| output.limits.clone()),
                 "duration_ms": outcome.output.as_ref().map(|output| output.duration_ms),
             },
-            "meta_data": meta_data(is_error, facts, Some(&flow_run_id)),
+            "meta_data": with_learned_end(meta_data(is_error, facts, Some(&flow_run_id)), outcome),
         });
         Self { text: outcome_text(outcome), value, is_error }
     }
@@ -101,6 +102,19 @@ fn meta_data(is_error: bool, facts: RequestFacts, flow_run_id: Option<&str>) -> 
         "code_length": facts.code_length,
         "flow_run_id": flow_run_id,
     })
+}
+
+/// Adds how and when the service learned that the run ended: `completed_via` is `event` or
+/// `poll`, and `end_seen_at` the moment, to compare with the terminal state's timestamp.
+fn with_learned_end(mut meta_data: Value, outcome: &JobOutcome) -> Value {
+    let learned = outcome.learned.as_ref();
+    meta_data["completed_via"] = json!(learned.map(|learned| match learned.source {
+        CompletionSource::Event => "event",
+        CompletionSource::Poll => "poll",
+    }));
+    meta_data["end_seen_at"] =
+        json!(learned.map(|learned| learned.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
+    meta_data
 }
 
 fn outcome_text(outcome: &JobOutcome) -> String {
@@ -193,6 +207,20 @@ mod tests {
         assert_eq!(meta["timeout_seconds"], 120);
         assert_eq!(meta["code_length"], 21);
         assert_eq!(meta["flow_run_id"], Uuid::nil().to_string());
+    }
+
+    #[test]
+    fn reply_says_how_the_end_was_learned() {
+        let mut outcome = completed(0);
+        let at = "2026-12-04T10:00:00.123456Z".parse().unwrap();
+        outcome.learned = Some(crate::jobs::LearnedEnd { source: CompletionSource::Event, at });
+
+        let reply = JobReply::from_outcome(&outcome, facts());
+
+        let meta = &reply.value["meta_data"];
+        assert_eq!(meta["completed_via"], "event");
+        assert_eq!(meta["end_seen_at"], "2026-12-04T10:00:00.123456Z");
+        assert_eq!(reply.value["results"]["duration_ms"], 20);
     }
 
     #[test]
