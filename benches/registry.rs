@@ -169,7 +169,7 @@ fn run_repeat(settings: &Settings) -> anyhow::Result<RepeatMeasurement> {
         (Ok(_), Err(server_error)) => Err(server_error.context("the events server failed")),
         (Err(error), Ok(())) => Err(error),
         (Err(error), Err(server_error)) => {
-            Err(error.context(format!("the events server failed: {server_error:#}")))
+            Err(anyhow::anyhow!("{error:#}; the events server failed too: {server_error:#}"))
         }
     }
 }

@@ -136,8 +136,8 @@ async fn stream_events(
 ) -> anyhow::Result<Streamed> {
     ensure!(
         handle.wait_until_subscribed(SUBSCRIBE_TIMEOUT).await,
-        "the subscription did not connect within {SUBSCRIBE_TIMEOUT:?}: {:?}",
-        handle.status().last_error
+        "the subscription did not connect within {SUBSCRIBE_TIMEOUT:?}; last error: {}",
+        handle.status().last_error.unwrap_or_else(|| "none".to_owned())
     );
     // Every connection starts with a bulk read of the waiting runs; let it finish first so
     // that it is not timed.
@@ -164,7 +164,7 @@ async fn stream_events(
 
 /// Generous enough for an unoptimised build, so only a stuck waiter reaches it.
 fn resolve_timeout(plan: &EventPlan) -> Duration {
-    Duration::from_secs(30) + Duration::from_micros(100) * plan.total_events() as u32
+    Duration::from_secs(30) + Duration::from_micros(100 * plan.total_events() as u64)
 }
 
 fn register_waiters(registry: &Arc<WaiterRegistry>, run_ids: &[Uuid]) -> Vec<Waiter> {
