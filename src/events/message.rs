@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Duration as ChronoDuration, SecondsFormat, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -73,11 +74,11 @@ pub struct FlowRunStateEvent {
 /// # Errors
 /// Returns [`InvalidMessage`] when the frame is not JSON or an event lacks its envelope.
 pub fn parse_server_message(text: &str) -> Result<ServerMessage, InvalidMessage> {
-    let envelope: Envelope = serde_json::from_str(text)?;
+    let envelope: Envelope<'_> = serde_json::from_str(text)?;
     let message = match envelope.message_type.as_str() {
         "auth_success" => ServerMessage::AuthSuccess,
         "event" => {
-            let event: RawEvent = serde_json::from_value(envelope.event.unwrap_or(Value::Null))?;
+            let event: RawEvent = serde_json::from_str(envelope.event.map_or("null", RawValue::get))?;
             ServerMessage::Event { id: event.id, state_change: flow_run_state_event(&event) }
         }
         other => ServerMessage::Other(other.to_owned()),
@@ -86,11 +87,13 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, InvalidMessage>
 }
 
 #[derive(Deserialize)]
-struct Envelope {
+struct Envelope<'a> {
     #[serde(rename = "type")]
     message_type: String,
-    #[serde(default)]
-    event: Option<Value>,
+    /// The event's text, parsed only for `event` messages and then straight into
+    /// [`RawEvent`], which skips the related resources and payload without building values.
+    #[serde(default, borrow)]
+    event: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -248,6 +251,28 @@ mod tests {
     fn malformed_frame_is_an_error() {
         assert!(parse_server_message("not json").is_err());
         assert!(parse_server_message(r#"{"type":"event","event":{"id":1}}"#).is_err());
+    }
+
+    #[test]
+    fn event_message_without_event_is_an_error() {
+        assert!(parse_server_message(r#"{"type":"event"}"#).is_err());
+        assert!(parse_server_message(r#"{"type":"event","event":null}"#).is_err());
+    }
+
+    #[test]
+    fn event_field_of_other_message_is_not_parsed() {
+        assert_eq!(
+            parse_server_message(r#"{"type":"pong","event":5}"#).unwrap(),
+            ServerMessage::Other("pong".to_owned())
+        );
+    }
+
+    #[test]
+    fn escaped_state_message_is_unescaped() {
+        let mut resource = state_resource("FAILED", "Failed");
+        resource["prefect.state-message"] = json!("Flow run failed: \"boom\"\nsee logs");
+        let change = state_change(&event_frame("prefect.flow-run.Failed", resource));
+        assert_eq!(change.state.message.as_deref(), Some("Flow run failed: \"boom\"\nsee logs"));
     }
 
     #[test]
