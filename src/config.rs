@@ -60,7 +60,7 @@ impl Default for JobLimits {
     }
 }
 
-/// How the service learns that a flow run finished.
+/// Source of the service's knowledge that a flow run finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WaitMode {
@@ -115,8 +115,8 @@ pub struct Config {
     pub startup_allowance: Duration,
     /// Timeout of one REST request (`K3S_JOB_RUNNER_REQUEST_TIMEOUT_SECONDS`, default 30).
     pub request_timeout: Duration,
-    /// How completions are learned (`K3S_JOB_RUNNER_WAIT_MODE`, `events` or `poll`, default
-    /// `events`).
+    /// Wait mode that decides how completions are learned (`K3S_JOB_RUNNER_WAIT_MODE`, `events`
+    /// or `poll`, default `events`).
     pub wait_mode: WaitMode,
     /// Interval at which each waiting job reads its flow run in `poll` mode
     /// (`K3S_JOB_RUNNER_POLL_INTERVAL_MS`, default 2000). Unused in `events` mode.

@@ -59,7 +59,6 @@ async fn events_mode_needs_no_reads_while_waiting() {
     assert_eq!(status["wait_mode"], "events", "{status:#}");
     let before = status;
 
-    // At once, so the first jobs also share one deployment lookup.
     let jobs = (0..JOBS).map(|_| server.run(SLEEPING_CODE, Some(30)));
     let replies = join_all(jobs).await;
 
@@ -69,12 +68,13 @@ async fn events_mode_needs_no_reads_while_waiting() {
     }
     let status = server.status().await;
     assert_eq!(status["subscription"]["completions_from_events"], JOBS, "{status:#}");
-    // Retries of SQLite's 503 answers depend on timing, so only first attempts are counted:
-    // the creation and the result read per job, the deployment lookup once, and a safety
-    // poll that may fall while the jobs wait.
+    // Retries of SQLite's 503 responses depend on timing, so only first attempts are counted:
+    // per job the creation, the result read and a read of the state, repeated if its commit
+    // lags the event; the deployment lookup once; and a safety poll that may fall while the
+    // jobs wait. Polling every 500 ms would take at least 8 per job.
     let retries = status["rest_retries"].as_u64().unwrap() - before["rest_retries"].as_u64().unwrap();
     let first_attempts = rest_requests(&status) - rest_requests(&before) - retries;
-    assert!(first_attempts <= JOBS * 2 + 2, "{first_attempts} REST requests for {JOBS} jobs in events mode");
+    assert!(first_attempts <= JOBS * 4 + 2, "{first_attempts} REST requests for {JOBS} jobs in events mode");
     assert!(status["peak_memory_kib"].as_u64().is_some_and(|kib| kib > 0), "{status:#}");
     server.stop().await;
 }

@@ -98,7 +98,8 @@ struct Options {
 }
 
 impl Options {
-    /// The small load run under `cargo test`, against the stack `deploy/local/test.sh` starts.
+    /// Builds the options of the small load run under `cargo test`, against the stack that
+    /// `deploy/local/test.sh` starts.
     fn check_run() -> Result<Self> {
         let api_url = std::env::var("K3S_JOB_RUNNER_TEST_API_URL")
             .or_else(|_| std::env::var("PREFECT_API_URL"))

@@ -73,7 +73,7 @@ pub struct ModeReport {
     /// Jobs whose code did not run to an ending (any status but `completed` and `error`).
     pub failures: usize,
     pub statuses: BTreeMap<String, usize>,
-    /// How the service learned of each run's end: `event` or `poll`.
+    /// Number of runs whose end the service learned by `event` and by `poll`.
     pub completed_via: BTreeMap<String, usize>,
     pub end_to_end_ms: Option<Summary>,
     /// Terminal state's timestamp in Prefect to the tool result's arrival.

@@ -23,7 +23,7 @@ use crate::WaitMode;
 pub struct ServiceSettings {
     pub binary: PathBuf,
     pub api_url: String,
-    /// Tag put on every flow run of this harness run, so its events filter sees only them.
+    /// Tag put on every flow run of this harness run, so the events filter selects only them.
     pub tag: String,
     pub poll_interval_ms: u64,
     /// Start-up allowance, long enough for the last of many queued jobs to start.
@@ -55,7 +55,7 @@ impl JobSample {
         milliseconds_between(self.sent_at, self.returned_at)
     }
 
-    /// A job that ran its code to an ending: the code exited, with code 0 or not.
+    /// Returns true when the job ran its code to an ending: the code exited, with code 0 or not.
     pub fn ran(&self) -> bool {
         matches!(self.status.as_str(), "completed" | "error")
     }

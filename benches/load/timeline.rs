@@ -1,4 +1,4 @@
-//! Where a job's time went, from the flow run's state history in Prefect.
+//! Breakdown of a job's time into steps, from the flow run's state history in Prefect.
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -79,7 +79,7 @@ impl PrefectReader {
         serde_json::from_str(&body).with_context(|| format!("GET {url} returned invalid JSON"))
     }
 
-    /// Checks that Prefect answers, with a message that says how to start the local stack.
+    /// Checks that Prefect responds; the error says how to start the local stack.
     pub async fn check_health(&self) -> Result<()> {
         self.get("/health").await.with_context(|| {
             format!(
@@ -128,8 +128,8 @@ impl PrefectReader {
 ///
 /// Prefect counts a run against the pool's concurrency limit from Pending until its terminal
 /// state. With `limit` slots, the i-th run to go Pending can do so only once i - limit runs
-/// have ended, whichever slots they held, so its slot was free at the later of its creation
-/// and the (i - limit)-th end. Time before that is queueing; time after it is pick-up.
+/// have ended, whichever slots they held. Its slot was thus free at the later of its creation
+/// and the (i - limit)-th end. Time before that is queueing, and time after it is pick-up.
 ///
 /// NOTE: only the batch's own runs are counted, so runs from other clients on the same pool
 /// show up as pick-up time instead of queueing.

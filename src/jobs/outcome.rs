@@ -58,11 +58,12 @@ pub struct JobOutcome {
     /// Time from the request to the result.
     pub elapsed: Duration,
     pub timeout_seconds: u64,
-    /// How and when the service learned that the run ended; `None` when it gave up waiting.
+    /// Source and time of the service's knowledge that the run ended; `None` when it gave up
+    /// waiting.
     pub learned: Option<LearnedEnd>,
 }
 
-/// How and when the service learned of a run's terminal state.
+/// Source and time of the service's knowledge of a run's terminal state.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LearnedEnd {
     pub source: CompletionSource,

@@ -405,17 +405,24 @@ impl JobRunner {
         request: &JobRequest,
     ) -> Result<JobOutcome, JobError> {
         debug!(state = %state.name, ?source, "flow run reached a terminal state");
-        let state = match (source, state.state_type) {
+        let (state, output) = match source {
             // The flow stores its result artifact before it proposes Completed, so the
-            // artifact of a run with a Completed event is readable even while the state's
-            // commit is still in flight. Reading it is the confirmation.
-            (CompletionSource::Event, StateType::Completed) => state,
-            (CompletionSource::Event, _) => self.confirm_terminal(flow_run.id, state).await?,
-            (CompletionSource::Poll, _) => state,
-        };
-        let output = match state.state_type {
-            StateType::Completed => self.read_output(flow_run.id).await?,
-            _ => self.read_output_once(flow_run.id).await,
+            // artifact is readable while the state's commit may still be in flight: both
+            // reads go out at once.
+            CompletionSource::Event if state.state_type == StateType::Completed => {
+                let (state, output) =
+                    tokio::join!(self.confirm_terminal(flow_run.id, state), self.read_output(flow_run.id));
+                (state?, output?)
+            }
+            CompletionSource::Event => {
+                let state = self.confirm_terminal(flow_run.id, state).await?;
+                let output = self.read_output_for(&state, flow_run.id).await?;
+                (state, output)
+            }
+            CompletionSource::Poll => {
+                let output = self.read_output_for(&state, flow_run.id).await?;
+                (state, output)
+            }
         };
         Ok(JobOutcome::finished(flow_run.id, flow_run.name, state, output, request.timeout_seconds()))
     }
@@ -437,6 +444,14 @@ impl JobRunner {
         }
         warn!(state = %event_state.name, "REST never showed the terminal state of the event; using the event's");
         Ok(event_state)
+    }
+
+    /// Reads the result artifact: with retries for a completed run, once for any other.
+    async fn read_output_for(&self, state: &State, flow_run_id: Uuid) -> Result<Option<RunOutput>, JobError> {
+        match state.state_type {
+            StateType::Completed => self.read_output(flow_run_id).await,
+            _ => Ok(self.read_output_once(flow_run_id).await),
+        }
     }
 
     /// Reads the result artifact of a completed run, retrying briefly when it is not visible

@@ -1,4 +1,4 @@
-//! What `runner_status` reports about the service.
+//! Snapshot of the service that the `runner_status` tool returns.
 
 use serde::Serialize;
 

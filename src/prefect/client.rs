@@ -446,6 +446,50 @@ mod tests {
         assert_eq!(client.retries_sent(), 2);
     }
 
+    #[tokio::test]
+    async fn concurrent_lookups_share_one_request() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        // A server that answers every request with the same deployment after 50 ms, so the
+        // lookups overlap, and counts the requests it received.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&requests);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    let _ = stream.read(&mut buffer).await;
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let body = format!(r#"{{"id":"{}","name":"python-runner"}}"#, Uuid::nil());
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                         connection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        let config = Config { api_url: format!("http://{address}/api"), ..Config::default() };
+        let client = PrefectClient::new(&config, RetryPolicy::default()).unwrap();
+
+        let lookups = (0..5).map(|_| client.deployment_id("python-runner/python-runner"));
+        let ids = futures::future::join_all(lookups).await;
+
+        for id in ids {
+            assert_eq!(id.unwrap(), Uuid::nil());
+        }
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+        assert_eq!(client.requests_sent(), 1);
+    }
+
     #[test]
     fn basic_auth_header_is_base64_and_sensitive() {
         let header = authorization_header(&PrefectAuth::Basic("admin:pw".to_owned())).unwrap();
