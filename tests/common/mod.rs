@@ -253,11 +253,12 @@ impl PrefectProbe {
 /// Uid that the sandbox runs submitted code as when the worker runs as root.
 const SANDBOX_UID: &str = "65534";
 
-/// Lists processes that belong to a job: `bwrap` itself, anything running as the sandbox's
-/// uid, and `sleep` or `sh` children. NOTE: this assumes no other sandboxed jobs run on the
-/// machine during the tests, as in CI.
+/// Lists processes that belong to a job of the test stack: `bwrap` itself, anything running
+/// as the sandbox's uid, and `sleep` or `sh` children. Jobs of another Prefect stack on the
+/// same machine are left out (see [`started_by_other_stack`]).
 pub fn job_processes() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let own_api_url = format!("PREFECT_API_URL={}", api_url());
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -270,11 +271,34 @@ pub fn job_processes() -> Vec<String> {
         let uid = status.lines().find_map(|line| line.strip_prefix("Uid:")).unwrap_or_default();
         let sandboxed = uid.split_whitespace().next() == Some(SANDBOX_UID);
         let child_of_case = command.starts_with("sleep 1000") || command.contains("while :; do echo t");
-        if command.starts_with("bwrap") || sandboxed || child_of_case {
+        let job_like = command.starts_with("bwrap") || command.starts_with("/usr/bin/bwrap");
+        if (job_like || sandboxed || child_of_case) && !started_by_other_stack(pid, &own_api_url) {
             found.push(format!("{pid}: {command}"));
         }
     }
     found
+}
+
+/// Returns true when an ancestor of `pid` is a flow-run process of another Prefect stack:
+/// the first ancestor whose environment sets `PREFECT_API_URL` sets a different one. A process
+/// with no such ancestor, such as one that escaped to init, counts as the test stack's.
+fn started_by_other_stack(pid: &str, own_api_url: &str) -> bool {
+    let mut current = pid.to_owned();
+    for _ in 0..64 {
+        let environment = std::fs::read(format!("/proc/{current}/environ")).unwrap_or_default();
+        let api_url =
+            environment.split(|byte| *byte == 0).find(|variable| variable.starts_with(b"PREFECT_API_URL="));
+        if let Some(api_url) = api_url {
+            return api_url != own_api_url.as_bytes();
+        }
+        let status = std::fs::read_to_string(format!("/proc/{current}/status")).unwrap_or_default();
+        let parent = status.lines().find_map(|line| line.strip_prefix("PPid:")).map(str::trim);
+        match parent {
+            Some(parent) if parent != "0" && parent != "1" => current = parent.to_owned(),
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Waits up to 10 s for every job process to end, then asserts none is left.
