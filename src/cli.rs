@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::jobs::JobRunner;
+use crate::jobs::{JobProgress, JobRunner};
 use crate::mcp::{run_job, JobServer, RunPythonJobParams, RUN_TOOL_NAME};
 
 /// Exit code when the job ran out of time, as `timeout(1)` uses.
@@ -153,7 +153,7 @@ async fn shutdown_signal() -> &'static str {
 async fn run_here(args: &JobArgs) -> anyhow::Result<ExitCode> {
     let params = args.params()?;
     let runner = JobRunner::start(Config::from_env()?)?;
-    let reply = run_job(&runner, params, &CancellationToken::new()).await;
+    let reply = run_job(&runner, params, &CancellationToken::new(), &JobProgress::default()).await;
     runner.shutdown().await;
     Ok(print_result(&reply.value, args.json))
 }

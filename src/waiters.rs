@@ -52,6 +52,8 @@ pub struct RegistryClosed;
 #[derive(Debug, Default)]
 pub struct WaiterRegistry {
     waiters: DashMap<Uuid, oneshot::Sender<Completion>>,
+    /// Latest non-terminal state name of waiting runs that reported one, for progress.
+    states: DashMap<Uuid, String>,
     recent: Mutex<RecentCompletions>,
     /// Set by [`WaiterRegistry::close_all`]; later registrations end at once.
     closed: AtomicBool,
@@ -85,6 +87,7 @@ impl WaiterRegistry {
 
     /// Hands a terminal state to the run's waiter, removing the entry.
     pub fn resolve(&self, flow_run_id: Uuid, completion: Completion) -> Resolution {
+        self.states.remove(&flow_run_id);
         let Some((_, sender)) = self.waiters.remove(&flow_run_id) else {
             self.recent_completions().insert(flow_run_id, completion);
             return Resolution::NoWaiter;
@@ -94,6 +97,24 @@ impl WaiterRegistry {
             Ok(()) => Resolution::Delivered,
             Err(_) => Resolution::CallerGone,
         }
+    }
+
+    /// Records the latest non-terminal state of a waiting run. Runs without a waiter are
+    /// ignored.
+    pub fn note_state(&self, flow_run_id: Uuid, state_name: &str) {
+        if !self.waiters.contains_key(&flow_run_id) {
+            return;
+        }
+        self.states.insert(flow_run_id, state_name.to_owned());
+        // Checked again after inserting, so a waiter dropped in between leaves no entry.
+        if !self.waiters.contains_key(&flow_run_id) {
+            self.states.remove(&flow_run_id);
+        }
+    }
+
+    /// Returns the latest non-terminal state recorded for a waiting run.
+    pub fn latest_state(&self, flow_run_id: Uuid) -> Option<String> {
+        self.states.get(&flow_run_id).map(|state| state.clone())
     }
 
     /// Ids of every run with a waiting caller, for bulk REST checks.
@@ -120,6 +141,7 @@ impl WaiterRegistry {
     pub fn close_all(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.waiters.clear();
+        self.states.clear();
     }
 
     fn recent_completions(&self) -> std::sync::MutexGuard<'_, RecentCompletions> {
@@ -130,6 +152,7 @@ impl WaiterRegistry {
 
     fn forget(&self, flow_run_id: Uuid) {
         self.waiters.remove(&flow_run_id);
+        self.states.remove(&flow_run_id);
     }
 }
 
@@ -195,6 +218,30 @@ impl RecentCompletions {
 mod tests {
     use super::*;
     use crate::prefect::StateType;
+
+    #[test]
+    fn latest_state_is_kept_while_waiting() {
+        let registry = WaiterRegistry::new();
+        let id = Uuid::new_v4();
+        let waiter = registry.register(id);
+
+        registry.note_state(id, "Pending");
+        registry.note_state(id, "Running");
+        assert_eq!(registry.latest_state(id).as_deref(), Some("Running"));
+
+        drop(waiter);
+        assert_eq!(registry.latest_state(id), None);
+    }
+
+    #[test]
+    fn state_of_unwaited_run_is_ignored() {
+        let registry = WaiterRegistry::new();
+        let id = Uuid::new_v4();
+
+        registry.note_state(id, "Running");
+
+        assert_eq!(registry.latest_state(id), None);
+    }
 
     fn completed() -> Completion {
         Completion {

@@ -65,7 +65,7 @@ struct Options {
     #[arg(long, value_delimiter = ',', default_values = ["events", "poll"])]
     modes: Vec<WaitMode>,
     /// Interval at which each waiting job reads its run in poll mode, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     poll_interval_ms: u64,
     /// `timeout_seconds` of every job.
     #[arg(long, default_value_t = 60)]
@@ -226,10 +226,7 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
     let targets = check_targets(events, ratios.as_ref());
     let single_steps = StepStats::from(&single.breakdowns);
 
-    println!(
-        "\nk3s-job-runner load: {} concurrent jobs x {} rounds, code {:?}",
-        options.jobs, options.rounds, options.code
-    );
+    println!("\nk3s-job-runner load: {}, code {:?}", describe_load(&options), options.code);
     println!(
         "machine: {} ({} cores, {} MiB), load average at start {}\n",
         machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
@@ -276,6 +273,20 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
         batches: &batches,
         samples,
     };
+    let failures: usize = modes.iter().map(|report| report.failures).sum::<usize>()
+        + single.samples.iter().filter(|sample| !sample.ran()).count();
+    let all_samples = || single.samples.iter().chain(batches.iter().flat_map(|batch| &batch.samples));
+    if let Some(failed) = all_samples().find(|sample| !sample.ran()) {
+        eprintln!(
+            "load: {failures} jobs failed; the first ended {}: {}",
+            failed.status,
+            failed.error.as_deref().unwrap_or("no error text")
+        );
+    }
+    if all_samples().all(|sample| !sample.ran()) {
+        bail!("every job failed, so no report was written; the service logs are in {}", logs.display());
+    }
+
     let json_path = options.out.join("load.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
@@ -288,8 +299,6 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
         Err(error) => eprintln!("load: no plot: {error:#}"),
     }
 
-    let failures: usize = modes.iter().map(|report| report.failures).sum::<usize>()
-        + single.samples.iter().filter(|sample| !sample.ran()).count();
     if failures > 0 {
         eprintln!("load: {failures} jobs failed; the service logs are in {}", logs.display());
         return Ok(false);
@@ -339,16 +348,20 @@ fn draw_plot(options: &Options, modes: &mut [ModeReport], path: &Path) -> Result
             })
             .collect()
     };
-    let title = format!(
-        "k3s-job-runner: {} concurrent jobs x {} rounds, {:?}",
-        options.jobs, options.rounds, options.code
-    );
+    let title = format!("k3s-job-runner: {}, {:?}", describe_load(options), options.code);
     plot::draw(
         path,
         &title,
         &series(|report| &report.end_to_end_samples),
         &series(|report| &report.completion_samples),
     )
+}
+
+/// Describes the load, as "200 concurrent jobs x 2 rounds".
+fn describe_load(options: &Options) -> String {
+    let plural =
+        |count: u64, word: &str| if count == 1 { format!("1 {word}") } else { format!("{count} {word}s") };
+    format!("{} x {}", plural(options.jobs, "concurrent job"), plural(options.rounds, "round"))
 }
 
 /// Runs `single_jobs` jobs one after another in events mode, so the breakdown of one job on

@@ -104,7 +104,9 @@ impl ModeReport {
             let via = sample.completed_via.clone().unwrap_or_else(|| "unknown".to_owned());
             *completed_via.entry(via).or_insert(0) += 1;
         }
-        let end_to_end_samples: Vec<f64> = samples.iter().map(|sample| sample.end_to_end_ms()).collect();
+        // Latencies of jobs that ran; a rejected or failed job says nothing about waiting.
+        let end_to_end_samples: Vec<f64> =
+            samples.iter().filter(|sample| sample.ran()).map(|sample| sample.end_to_end_ms()).collect();
         let completion_samples: Vec<f64> = breakdowns.iter().filter_map(|step| step.completion).collect();
         let jobs = samples.len();
         let per_job = |total: u64| if jobs == 0 { 0.0 } else { total as f64 / jobs as f64 };

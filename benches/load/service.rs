@@ -94,7 +94,18 @@ impl Service {
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("cannot start the service {}", settings.binary.display()))?;
-        let client = ().serve(transport).await.context("MCP initialization with the service failed")?;
+        let client = match ().serve(transport).await {
+            Ok(client) => client,
+            Err(error) => {
+                // A service that rejects a setting says why on stderr and exits before replying.
+                let log = std::fs::read_to_string(log_path).unwrap_or_default();
+                let last_line = log.lines().last().unwrap_or("(empty)");
+                bail!(
+                    "MCP initialization with the service failed: {error}. Last line of {}: {last_line}",
+                    log_path.display()
+                );
+            }
+        };
         Ok(Self { client })
     }
 

@@ -487,6 +487,7 @@ impl Subscription {
             Some(self.last_event_occurred.map_or(change.occurred, |last| last.max(change.occurred)));
         debug!(flow_run_id = %change.flow_run_id, state = %change.state.name, "flow run state event");
         if !change.state.is_terminal() {
+            self.registry.note_state(change.flow_run_id, &change.state.name);
             return;
         }
         let completion = Completion { state: change.state, source: CompletionSource::Event };

@@ -3,12 +3,14 @@
 
 mod error;
 mod outcome;
+mod progress;
 mod request;
 mod runner;
 mod status;
 
 pub use error::JobError;
 pub use outcome::{JobOutcome, JobStatus, LearnedEnd};
+pub use progress::JobProgress;
 pub use request::{InvalidRequest, JobRequest};
 pub use runner::JobRunner;
 pub use status::{peak_memory_kib, RunnerStatus};

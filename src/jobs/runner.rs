@@ -12,7 +12,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use super::status::{peak_memory_kib, RunnerStatus};
-use super::{JobError, JobOutcome, JobRequest, JobStatus, LearnedEnd};
+use super::{JobError, JobOutcome, JobProgress, JobRequest, JobStatus, LearnedEnd};
 use crate::backoff::Backoff;
 use crate::config::{Config, WaitMode};
 use crate::events::{Mode, Subscription, SubscriptionHandle};
@@ -158,6 +158,18 @@ impl JobRunner {
         self.client.health().await
     }
 
+    /// Describes where a job stands, for progress reports: submitting, or its flow run and
+    /// that run's latest state (Scheduled until a later one is seen).
+    pub fn describe_progress(&self, progress: &JobProgress) -> String {
+        match progress.submitted() {
+            None => "submitting the flow run to Prefect".to_owned(),
+            Some((flow_run_id, name)) => {
+                let state = self.registry.latest_state(flow_run_id).unwrap_or_else(|| "Scheduled".to_owned());
+                format!("flow run {name} ({flow_run_id}) is {state}")
+            }
+        }
+    }
+
     /// Returns a snapshot of the subscription, the waiting jobs and the service's counters.
     pub fn status(&self) -> RunnerStatus {
         RunnerStatus {
@@ -184,6 +196,7 @@ impl JobRunner {
         &self,
         request: &JobRequest,
         cancel: &CancellationToken,
+        progress: &JobProgress,
     ) -> Result<JobOutcome, JobError> {
         let started = Instant::now();
         let span = info_span!(
@@ -193,7 +206,7 @@ impl JobRunner {
             flow_run_id = tracing::field::Empty,
         );
         let _active = ActiveJob::enter(&self.active_jobs);
-        let mut outcome = self.run_in_span(request, cancel, &span).instrument(span.clone()).await?;
+        let mut outcome = self.run_in_span(request, cancel, progress, &span).instrument(span.clone()).await?;
         outcome.elapsed = started.elapsed();
         span.in_scope(|| {
             info!(
@@ -230,6 +243,7 @@ impl JobRunner {
         &self,
         request: &JobRequest,
         cancel: &CancellationToken,
+        progress: &JobProgress,
         span: &tracing::Span,
     ) -> Result<JobOutcome, JobError> {
         let deployment_id = self.look_up_deployment().await?;
@@ -237,6 +251,7 @@ impl JobRunner {
         let flow_run = self.submit(deployment_id, request).await?;
         span.record("flow_run_id", tracing::field::display(flow_run.id));
         info!(flow_run_name = %flow_run.name, "flow run created");
+        progress.set_submitted(flow_run.id, &flow_run.name);
 
         let mut waiter = self.registry.register(flow_run.id);
         // An event that arrives between the creation and the registration is kept by the
@@ -369,6 +384,7 @@ impl JobRunner {
         if let Some(state) = flow_run.terminal_state() {
             return DeadlineCheck::Finished(state.clone());
         }
+        self.note_progress(&flow_run);
         let Some(start_time) = flow_run.start_time else {
             let allowance = self.config.startup_allowance.as_secs();
             return DeadlineCheck::Expired(format!(
@@ -387,9 +403,19 @@ impl JobRunner {
         }
     }
 
+    /// Records a non-terminal state read over REST, for progress reports.
+    fn note_progress(&self, flow_run: &FlowRun) {
+        if let Some(state) = flow_run.state.as_ref().filter(|state| !state.is_terminal()) {
+            self.registry.note_state(flow_run.id, &state.name);
+        }
+    }
+
     async fn read_terminal_state(&self, flow_run_id: Uuid) -> Option<State> {
         match self.client.read_flow_run(flow_run_id).await {
-            Ok(flow_run) => flow_run.terminal_state().cloned(),
+            Ok(flow_run) => {
+                self.note_progress(&flow_run);
+                flow_run.terminal_state().cloned()
+            }
             Err(error) => {
                 debug!(%error, "reading the flow run failed; waiting for its next check");
                 None

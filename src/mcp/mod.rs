@@ -9,24 +9,30 @@ use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig, Tool};
-use rmcp::{tool, tool_handler, tool_router, ServerHandler};
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, ProgressToken,
+    ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::{Peer, RequestContext};
+use rmcp::{tool, tool_handler, tool_router, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub use reply::{JobReply, RequestFacts};
 
 use crate::config::JobLimits;
-use crate::jobs::{JobError, JobRequest, JobRunner};
+use crate::jobs::{JobError, JobProgress, JobRequest, JobRunner};
 
 /// Name under which clients call the job tool.
 pub const RUN_TOOL_NAME: &str = "run_python_job_tool";
 /// Name of the status tool.
 pub const STATUS_TOOL_NAME: &str = "runner_status";
+/// Interval of progress notifications to a client that sent a progress token.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Arguments of `run_python_job_tool`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -91,10 +97,16 @@ impl JobServer {
     async fn run_python_job_tool(
         &self,
         Parameters(params): Parameters<RunPythonJobParams>,
-        cancel: CancellationToken,
+        context: RequestContext<RoleServer>,
     ) -> CallToolResult {
         let _in_flight = InFlight::enter(&self.in_flight);
-        to_call_tool_result(run_job(&self.runner, params, &cancel).await)
+        let progress = JobProgress::default();
+        let job = run_job(&self.runner, params, &context.ct, &progress);
+        let reply = match context.meta.get_progress_token() {
+            Some(token) => report_progress(job, token, &context.peer, &self.runner, &progress).await,
+            None => job.await,
+        };
+        to_call_tool_result(reply)
     }
 
     /// Reports the wait mode, the events subscription, waiting jobs and the service's counters.
@@ -129,8 +141,41 @@ impl ServerHandler for JobServer {
     }
 }
 
+/// Awaits `job`, sending the client a progress notification every [`PROGRESS_INTERVAL`] that
+/// names the flow run and its latest state. The progress value is the seconds elapsed.
+async fn report_progress(
+    job: impl std::future::Future<Output = JobReply>,
+    token: ProgressToken,
+    peer: &Peer<RoleServer>,
+    runner: &JobRunner,
+    progress: &JobProgress,
+) -> JobReply {
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval_at(started + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
+    tokio::pin!(job);
+    loop {
+        tokio::select! {
+            reply = &mut job => return reply,
+            _ = ticks.tick() => {
+                let elapsed = started.elapsed().as_secs();
+                let message = format!("{}; {elapsed} s elapsed", runner.describe_progress(progress));
+                let notification =
+                    ProgressNotificationParam::new(token.clone(), elapsed as f64).with_message(message);
+                if let Err(error) = peer.notify_progress(notification).await {
+                    debug!(%error, "sending a progress notification failed");
+                }
+            }
+        }
+    }
+}
+
 /// Validates, runs and renders one job; shared by the MCP tool and the `run` subcommand.
-pub async fn run_job(runner: &JobRunner, params: RunPythonJobParams, cancel: &CancellationToken) -> JobReply {
+pub async fn run_job(
+    runner: &JobRunner,
+    params: RunPythonJobParams,
+    cancel: &CancellationToken,
+    progress: &JobProgress,
+) -> JobReply {
     let started = Instant::now();
     let code_length = params.code.chars().count();
     let facts = |timeout_seconds| RequestFacts {
@@ -147,7 +192,7 @@ pub async fn run_job(runner: &JobRunner, params: RunPythonJobParams, cancel: &Ca
         }
     };
     let timeout_seconds = Some(request.timeout_seconds() as i64);
-    match runner.run(&request, cancel).await {
+    match runner.run(&request, cancel, progress).await {
         Ok(outcome) => JobReply::from_outcome(&outcome, facts(timeout_seconds)),
         Err(error @ JobError::Cancelled { .. }) => JobReply::from_job_error(&error, facts(timeout_seconds)),
         Err(error) => {

@@ -30,6 +30,24 @@ pub fn api_url() -> String {
     })
 }
 
+/// Builds the command of a `k3s-job-runner serve` process against the test stack, with a
+/// tag unique to it, and returns the command and the tag.
+pub fn server_command(overrides: HashMap<&str, String>) -> (Command, String) {
+    let tag = format!("k3s-job-runner-test-{}", Uuid::new_v4());
+    let mut environment: HashMap<&str, String> = HashMap::from([
+        ("PREFECT_API_URL", api_url()),
+        ("K3S_JOB_RUNNER_TAG", tag.clone()),
+        ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())),
+    ]);
+    environment.extend(overrides);
+    let command = Command::new(env!("CARGO_BIN_EXE_k3s-job-runner")).configure(|command| {
+        command.arg("serve");
+        command.env_remove("PREFECT_API_KEY").env_remove("PREFECT_API_AUTH_STRING");
+        command.envs(&environment);
+    });
+    (command, tag)
+}
+
 /// One `k3s-job-runner serve` process and the MCP client session talking to it.
 pub struct Server {
     pub client: RunningService<RoleClient, ()>,
@@ -47,18 +65,7 @@ impl Server {
 
     /// Starts a server with extra environment variables, which override the defaults.
     pub async fn start_with(overrides: HashMap<&str, String>) -> Self {
-        let tag = format!("k3s-job-runner-test-{}", Uuid::new_v4());
-        let mut environment: HashMap<&str, String> = HashMap::from([
-            ("PREFECT_API_URL", api_url()),
-            ("K3S_JOB_RUNNER_TAG", tag.clone()),
-            ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned())),
-        ]);
-        environment.extend(overrides);
-        let command = Command::new(env!("CARGO_BIN_EXE_k3s-job-runner")).configure(|command| {
-            command.arg("serve");
-            command.env_remove("PREFECT_API_KEY").env_remove("PREFECT_API_AUTH_STRING");
-            command.envs(&environment);
-        });
+        let (command, tag) = server_command(overrides);
         let transport = TokioChildProcess::new(command).expect("the server binary starts");
         let pid = transport.id().expect("the server has a process id");
         let client = ().serve(transport).await.expect("MCP initialization succeeds");
