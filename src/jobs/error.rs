@@ -31,6 +31,17 @@ pub enum JobError {
          K3S_JOB_RUNNER_DEPLOYMENT to an existing flow-name/deployment-name"
     )]
     DeploymentNotFound { name: String, api_url: String },
+    /// `PREFECT_API_URL` answers HTTP 404 for a Prefect route, so it does not lead to a
+    /// Prefect API. Nothing was submitted.
+    #[error(
+        "PREFECT_API_URL={api_url} does not lead to a Prefect API: {source}. Set it to the \
+         server's API base, ending in /api, for example http://127.0.0.1:4200/api"
+    )]
+    NotPrefectApi {
+        api_url: String,
+        #[source]
+        source: PrefectError,
+    },
     /// Creating the flow run failed for a reason other than availability.
     #[error("submitting the flow run failed: {source}")]
     SubmitFailed {
@@ -63,9 +74,12 @@ impl JobError {
         }
     }
 
-    pub(crate) fn from_lookup(error: PrefectError) -> Self {
+    pub(crate) fn from_lookup(error: PrefectError, api_url: &str) -> Self {
         match error {
             PrefectError::DeploymentNotFound { name, api_url } => Self::DeploymentNotFound { name, api_url },
+            error @ PrefectError::Status { status: 404, .. } => {
+                Self::NotPrefectApi { api_url: api_url.to_owned(), source: error }
+            }
             error => Self::from_submit(error),
         }
     }

@@ -278,7 +278,8 @@ impl JobRunner {
     /// else, so an unreachable Prefect or a missing deployment is reported without waiting
     /// for a socket that cannot connect.
     async fn look_up_deployment(&self) -> Result<Uuid, JobError> {
-        self.client.deployment_id(&self.config.deployment).await.map_err(JobError::from_lookup)
+        let lookup = self.client.deployment_id(&self.config.deployment).await;
+        lookup.map_err(|error| JobError::from_lookup(error, &self.config.api_url))
     }
 
     /// Waits for the events socket (in `events` mode) and returns the number of the

@@ -38,11 +38,48 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct RunPythonJobParams {
     /// Python 3 source code to run as a script. Print what you want returned. Stdin is empty.
+    #[serde(deserialize_with = "source_text")]
+    #[schemars(with = "String")]
     pub code: String,
     /// Seconds the code may run before it is killed: 10 to 600 unless the server sets other
     /// limits. Default 120.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_seconds")]
+    #[schemars(with = "Option<i64>")]
     pub timeout_seconds: Option<i64>,
+}
+
+/// Reads `code`, naming the field and the expected type when the value is not a string.
+fn source_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::String(code) => Ok(code),
+        other => Err(serde::de::Error::custom(format!(
+            "code must be a string of Python source, got {}",
+            describe_json(&other)
+        ))),
+    }
+}
+
+/// Reads `timeout_seconds`, naming the field and the expected type when the value is not a
+/// whole number. The range is checked later, against the configured limits.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Null => Ok(None),
+        Value::Number(number) if number.as_i64().is_some() => Ok(number.as_i64()),
+        other => Err(serde::de::Error::custom(format!(
+            "timeout_seconds must be a whole number of seconds, got {}",
+            describe_json(&other)
+        ))),
+    }
+}
+
+/// Describes a JSON value for an error message, cutting long ones short.
+fn describe_json(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 40 {
+        format!("{}...", text.chars().take(40).collect::<String>())
+    } else {
+        text
+    }
 }
 
 /// The MCP server handler. Cheap to clone: every clone shares one [`JobRunner`].
@@ -249,6 +286,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn timeout_of_wrong_type_names_field() {
+        let error = serde_json::from_value::<RunPythonJobParams>(
+            json!({"code": "print(1)", "timeout_seconds": "abc"}),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("timeout_seconds must be a whole number of seconds, got \"abc\""),
+            "{error}"
+        );
+        let error =
+            serde_json::from_value::<RunPythonJobParams>(json!({"code": "x", "timeout_seconds": 1.5}))
+                .unwrap_err();
+        assert!(error.to_string().contains("got 1.5"), "{error}");
+    }
+
+    #[test]
+    fn code_of_wrong_type_names_field() {
+        let error = serde_json::from_value::<RunPythonJobParams>(json!({"code": 5})).unwrap_err();
+        assert!(error.to_string().contains("code must be a string of Python source, got 5"), "{error}");
+    }
+
+    #[test]
+    fn valid_params_are_read() {
+        let params = serde_json::from_value::<RunPythonJobParams>(json!({"code": "print(1)"})).unwrap();
+        assert_eq!(params.code, "print(1)");
+        assert_eq!(params.timeout_seconds, None);
+        let params =
+            serde_json::from_value::<RunPythonJobParams>(json!({"code": "x", "timeout_seconds": 30}))
+                .unwrap();
+        assert_eq!(params.timeout_seconds, Some(30));
+        let params =
+            serde_json::from_value::<RunPythonJobParams>(json!({"code": "x", "timeout_seconds": null}))
+                .unwrap();
+        assert_eq!(params.timeout_seconds, None);
+    }
+
+    #[test]
     fn tool_schema_carries_configured_limits() {
         let router = JobServer::tool_router();
         let mut tool = router.get(RUN_TOOL_NAME).expect("the job tool is registered").clone();
@@ -265,6 +339,7 @@ mod tests {
         assert!(description.contains("up to 100 characters"), "{description}");
         assert!(description.contains("5-30 (default 20)"), "{description}");
         let properties = &tool.input_schema["properties"];
+        assert_eq!(properties["code"]["type"], "string");
         assert_eq!(properties["code"]["maxLength"], 100);
         assert_eq!(properties["code"]["minLength"], 1);
         assert_eq!(properties["timeout_seconds"]["minimum"], 5);

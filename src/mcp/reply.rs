@@ -60,7 +60,7 @@ impl JobReply {
     /// Builds the reply of a job that failed without an ending of its own.
     pub fn from_job_error(error: &JobError, facts: RequestFacts) -> Self {
         let status = match error {
-            JobError::PrefectUnreachable { .. } => "prefect_unreachable",
+            JobError::PrefectUnreachable { .. } | JobError::NotPrefectApi { .. } => "prefect_unreachable",
             JobError::PrefectOverloaded { .. } => "prefect_overloaded",
             JobError::DeploymentNotFound { .. } => "deployment_not_found",
             JobError::Cancelled { .. } => "cancelled",

@@ -161,7 +161,11 @@ impl PrefectClient {
         }
         let path = format!("/deployments/name/{name}");
         let deployment: Deployment = match self.request(Method::GET, &path, None).await {
-            Err(PrefectError::Status { status: 404, .. }) => {
+            // Prefect names the missing deployment. Any other 404 means the URL's path does
+            // not lead to a Prefect API, and that error is passed on as it is.
+            Err(PrefectError::Status { status: 404, ref body, .. })
+                if body.to_ascii_lowercase().contains("deployment not found") =>
+            {
                 return Err(PrefectError::DeploymentNotFound {
                     name: name.to_owned(),
                     api_url: self.api_url.clone(),
