@@ -25,28 +25,13 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
+pub use k3s_job_runner::config::WaitMode;
 use machine::Machine;
 use report::{
     check_targets, render_steps, render_table, render_targets, Batch, ModeReport, Ratios, StepStats,
 };
 use service::{JobSample, Service, ServiceSettings};
 use timeline::{breakdown, slot_free_times, PrefectReader, Timeline};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum WaitMode {
-    Events,
-    Poll,
-}
-
-impl WaitMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Events => "events",
-            Self::Poll => "poll",
-        }
-    }
-}
 
 /// Drives concurrent jobs through k3s-job-runner in both wait modes and compares them.
 #[derive(Debug, Clone, Parser)]
