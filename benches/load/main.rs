@@ -46,7 +46,7 @@ struct Options {
     /// Rounds; each runs one batch per mode, and the order of the modes alternates.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=20))]
     rounds: u64,
-    /// Wait modes to compare.
+    /// Wait modes to compare: events, poll, or both separated by a comma.
     #[arg(long, value_delimiter = ',', default_values = ["events", "poll"])]
     modes: Vec<WaitMode>,
     /// Interval at which each waiting job reads its run in poll mode, in milliseconds.
@@ -172,9 +172,8 @@ async fn run(options: Options, check_run: bool) -> Result<bool> {
         extra_env: options.service_env.clone(),
     };
     eprintln!(
-        "load: {} jobs x {} rounds, modes {:?}, code {:?}, pool concurrency limit {}, tag {}",
-        options.jobs,
-        options.rounds,
+        "load: {}, modes {:?}, code {:?}, pool concurrency limit {}, tag {}",
+        describe_load(&options),
         options.modes.iter().map(|mode| mode.as_str()).collect::<Vec<_>>(),
         options.code,
         pool_limit.map_or_else(|| "none".to_owned(), |limit| limit.to_string()),
