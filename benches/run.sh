@@ -31,6 +31,12 @@ case "$which" in
 esac
 
 if [[ "$which" == load || "$which" == all ]]; then
+  # The plot's text needs a TrueType font; Debian ships DejaVu Sans in fonts-dejavu-core.
+  if [[ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf && $EUID -eq 0 ]] &&
+    command -v apt-get >/dev/null; then
+    echo "==> installing fonts-dejavu-core for the plot"
+    apt-get install -y fonts-dejavu-core >/dev/null || echo "benches/run.sh: no font; the plot is skipped" >&2
+  fi
   "$repo/deploy/local/stack.sh" up
   echo "==> load harness (cargo bench --bench load)"
   PREFECT_API_URL="http://$host:$port/api" \
