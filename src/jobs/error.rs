@@ -31,7 +31,7 @@ pub enum JobError {
          K3S_JOB_RUNNER_DEPLOYMENT to an existing flow-name/deployment-name"
     )]
     DeploymentNotFound { name: String, api_url: String },
-    /// `PREFECT_API_URL` answers HTTP 404 for a Prefect route, so it does not lead to a
+    /// `PREFECT_API_URL` returns HTTP 404 for a Prefect route, so it does not lead to a
     /// Prefect API. Nothing was submitted.
     #[error(
         "PREFECT_API_URL={api_url} does not lead to a Prefect API: {source}. Set it to the \
