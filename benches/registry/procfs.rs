@@ -6,10 +6,7 @@ use std::time::Duration;
 /// Reads the process's resident set size (`VmRSS` in `/proc/self/status`) in bytes, or
 /// `None` where that file does not exist or has no such line.
 pub fn resident_set_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
+    k3s_job_runner::jobs::resident_memory_kib().map(|kib| kib * 1024)
 }
 
 /// Reads the CPU time the calling thread has run for, from the first field of

@@ -13,4 +13,4 @@ pub use outcome::{JobOutcome, JobStatus, LearnedEnd};
 pub use progress::JobProgress;
 pub use request::{InvalidRequest, JobRequest};
 pub use runner::JobRunner;
-pub use status::{peak_memory_kib, RunnerStatus};
+pub use status::{peak_memory_kib, resident_memory_kib, RunnerStatus};

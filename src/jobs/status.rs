@@ -23,14 +23,24 @@ pub struct RunnerStatus {
     pub peak_memory_kib: Option<u64>,
 }
 
-/// Reads the process's peak resident set size from `/proc/self/status`.
+/// Reads the process's peak resident set size (`VmHWM`) from `/proc/self/status`.
 pub fn peak_memory_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_vm_hwm(&status)
+    read_own_status_kib("VmHWM")
 }
 
-fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let value = status.lines().find_map(|line| line.strip_prefix("VmHWM:"))?;
+/// Reads the process's current resident set size (`VmRSS`) from `/proc/self/status`.
+pub fn resident_memory_kib() -> Option<u64> {
+    read_own_status_kib("VmRSS")
+}
+
+fn read_own_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status_kib(&status, field)
+}
+
+/// Parses a `NAME:   1234 kB` line of a `/proc/<pid>/status` file.
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let value = status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?;
     value.trim().strip_suffix("kB")?.trim().parse().ok()
 }
 
@@ -39,18 +49,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vm_hwm_is_read_in_kib() {
+    fn status_fields_are_read_in_kib() {
         let status = "Name:\tk3s-job-runner\nVmPeak:\t  123456 kB\nVmHWM:\t    8412 kB\nVmRSS:\t 8000 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(8412));
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(8412));
+        assert_eq!(parse_status_kib(status, "VmRSS"), Some(8000));
     }
 
     #[test]
     fn missing_vm_hwm_gives_none() {
-        assert_eq!(parse_vm_hwm("Name:\tx\nVmRSS:\t 8000 kB\n"), None);
+        assert_eq!(parse_status_kib("Name:\tx\nVmRSS:\t 8000 kB\n", "VmHWM"), None);
     }
 
     #[test]
     fn own_peak_memory_is_positive() {
         assert!(peak_memory_kib().is_some_and(|kib| kib > 0));
+    }
+
+    #[test]
+    fn own_resident_memory_is_positive() {
+        assert!(resident_memory_kib().is_some_and(|kib| kib > 0));
     }
 }
