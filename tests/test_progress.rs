@@ -15,7 +15,7 @@ use rmcp::transport::TokioChildProcess;
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{json, Map, Value};
 
-/// Longest gap allowed between two progress notifications, and before the first.
+/// Maximum gap between two progress notifications, and before the first.
 const MAX_GAP: Duration = Duration::from_secs(15);
 
 /// Client that records every progress notification with its arrival time.

@@ -68,10 +68,10 @@ async fn events_mode_needs_no_reads_while_waiting() {
     }
     let status = server.status().await;
     assert_eq!(status["subscription"]["completions_from_events"], JOBS, "{status:#}");
-    // Retries of SQLite's 503 responses depend on timing, so only first attempts are counted:
-    // per job the creation, the result read and a read of the state, repeated if its commit
-    // lags the event; the deployment lookup once; and a safety poll that may fall while the
-    // jobs wait. Polling every 500 ms would take at least 8 per job.
+    // Retries of SQLite's 503 responses depend on timing, so only first attempts are counted.
+    // Each job makes the creation, the result read and a state read, which repeats if the
+    // commit lags the event. The deployment lookup comes once, and a safety poll may fall while
+    // the jobs wait. Polling every 500 ms would take at least 8 per job.
     let retries = status["rest_retries"].as_u64().unwrap() - before["rest_retries"].as_u64().unwrap();
     let first_attempts = rest_requests(&status) - rest_requests(&before) - retries;
     assert!(first_attempts <= JOBS * 4 + 2, "{first_attempts} REST requests for {JOBS} jobs in events mode");

@@ -97,6 +97,7 @@ impl ModeReport {
         let samples: Vec<&JobSample> = batches.iter().flat_map(|batch| &batch.samples).collect();
         let breakdowns: Vec<Breakdown> =
             batches.iter().flat_map(|batch| batch.breakdowns.iter().copied()).collect();
+
         let mut statuses = BTreeMap::new();
         let mut completed_via = BTreeMap::new();
         for sample in &samples {
@@ -104,13 +105,17 @@ impl ModeReport {
             let via = sample.completed_via.clone().unwrap_or_else(|| "unknown".to_owned());
             *completed_via.entry(via).or_insert(0) += 1;
         }
-        // Latencies of jobs that ran; a rejected or failed job says nothing about waiting.
+
+        // Latencies of jobs that ran only, because a rejected or failed job shows nothing about
+        // waiting.
         let end_to_end_samples: Vec<f64> =
             samples.iter().filter(|sample| sample.ran()).map(|sample| sample.end_to_end_ms()).collect();
         let completion_samples: Vec<f64> = breakdowns.iter().filter_map(|step| step.completion).collect();
+
         let jobs = samples.len();
         let per_job = |total: u64| if jobs == 0 { 0.0 } else { total as f64 / jobs as f64 };
         let wall: f64 = batches.iter().map(|batch| batch.wall_seconds).sum();
+
         Self {
             mode,
             jobs,

@@ -97,7 +97,7 @@ impl Service {
         let client = match ().serve(transport).await {
             Ok(client) => client,
             Err(error) => {
-                // A service that rejects a setting says why on stderr and exits before replying.
+                // A service that rejects a setting logs why on stderr and exits before replying.
                 let log = std::fs::read_to_string(log_path).unwrap_or_default();
                 let last_line = log.lines().last().unwrap_or("(empty)");
                 bail!(

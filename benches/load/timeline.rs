@@ -79,7 +79,7 @@ impl PrefectReader {
         serde_json::from_str(&body).with_context(|| format!("GET {url} returned invalid JSON"))
     }
 
-    /// Checks that Prefect responds; the error says how to start the local stack.
+    /// Checks that Prefect responds. The error names the command that starts the local stack.
     pub async fn check_health(&self) -> Result<()> {
         self.get("/health").await.with_context(|| {
             format!(

@@ -1,6 +1,6 @@
-//! A Prefect events server written for the bench: it accepts one websocket on 127.0.0.1 in
-//! its own OS thread and runtime, performs the `prefect` handshake, then sends pre-serialised
-//! events as fast as the socket takes them once the bench calls [`EventsServer::go`].
+//! A Prefect events server written for the bench. It accepts one websocket on 127.0.0.1 in
+//! its own OS thread and runtime and performs the `prefect` handshake. Once the bench calls
+//! [`EventsServer::go`], it sends pre-serialised events as fast as the socket takes them.
 
 use std::net::SocketAddr;
 use std::sync::mpsc;

@@ -158,8 +158,8 @@ impl JobRunner {
         self.client.health().await
     }
 
-    /// Describes where a job stands, for progress reports: submitting, or its flow run and
-    /// that run's latest state (Scheduled until a later one is seen).
+    /// Describes a job's progress: submitting, or its flow run and that run's latest state
+    /// (Scheduled until a later one is seen).
     pub fn describe_progress(&self, progress: &JobProgress) -> String {
         match progress.submitted() {
             None => "submitting the flow run to Prefect".to_owned(),

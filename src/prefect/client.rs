@@ -457,7 +457,7 @@ mod tests {
 
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        // A server that answers every request with the same deployment after 50 ms, so the
+        // A server that returns the same deployment for every request after 50 ms, so the
         // lookups overlap, and counts the requests it received.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
